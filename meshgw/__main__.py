@@ -1,0 +1,3 @@
+from meshgw.cli import main
+
+main()
