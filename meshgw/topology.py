@@ -92,9 +92,7 @@ class Topology:
 
     @property
     def remote_datacenters(self) -> list[str]:
-        return sorted(
-            {k.datacenter for k in self.gateways if k.datacenter != self.datacenter}
-        )
+        return sorted({k.datacenter for k in self.gateways if k.datacenter != self.datacenter})
 
 
 def merge(

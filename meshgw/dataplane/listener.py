@@ -1,0 +1,557 @@
+"""The listener and the life of one connection, on plain event-loop callbacks.
+
+accept → read the ClientHello (deadline, size cap) → resolve the SNI → connect upstream (timeout,
+fail over to the next endpoint: nothing has been sent yet) → write the buffered hello bytes
+verbatim → two Flows move the rest → close and account.
+
+Why raw sockets with `add_reader`/`add_writer` and not asyncio transports: splice(2) needs the
+file descriptors, and a libuv transport cannot share its descriptor with another watcher. Each
+socket is registered with the loop once for reading; writers are added only while a destination
+is full. No task is created per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+import socket
+import struct
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from meshgw.dataplane.pump import BUFFER_SIZE, Flow
+from meshgw.dataplane.splice import SPLICE_AVAILABLE, PipePool
+from meshgw.metrics import Metrics
+from meshgw.routing import Route, RouteTable, Target
+from meshgw.wire.clienthello import ClientHelloReader, Hello, Rejection
+
+log = logging.getLogger("meshgw.dataplane")
+access_log = logging.getLogger("meshgw.access")
+
+ACCEPT_BATCH = 64  # connections accepted per wake-up at most, so one busy listener cannot starve
+RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LINGER_RESET = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlaneConfig:
+    hello_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    idle_timeout: float | None = None
+    max_hello_bytes: int = 65536
+    max_connections: int = 8192
+    pump: str = "auto"  # auto | splice | userspace
+    access_log: bool = True
+    backlog: int = 4096
+
+
+class Phase(enum.IntEnum):
+    HELLO = 0
+    CONNECTING = 1
+    OPEN = 2
+    CLOSED = 3
+
+
+def _tune(sock: socket.socket) -> None:
+    # Latency over batching: TLS handshakes are small, chatty writes. Keepalive finds dead peers
+    # on the long, sparse connections WAN gossip and RPC keep open.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class Connection:
+    __slots__ = (
+        "buffered",
+        "client",
+        "client_eof",
+        "client_fd",
+        "client_paused",
+        "down",
+        "early_bytes",
+        "hello",
+        "idle_mark",
+        "idle_since",
+        "listener",
+        "loop",
+        "peer",
+        "phase",
+        "reader",
+        "route",
+        "started",
+        "target",
+        "targets",
+        "timer",
+        "up",
+        "upstream",
+        "upstream_fd",
+    )
+
+    def __init__(self, listener: Listener, client: socket.socket, peer: tuple) -> None:
+        loop = listener.loop
+        self.listener = listener
+        self.loop = loop
+        self.client = client
+        self.client_fd = client.fileno()
+        self.peer = peer
+        self.phase = Phase.HELLO
+        self.reader = ClientHelloReader(listener.config.max_hello_bytes)
+        # Every byte from the client until the upstream is connected; replayed verbatim.
+        self.buffered = b""
+        self.early_bytes = 0  # of those, how many were sent before the flows took over
+        self.client_paused = False
+        self.client_eof = False
+        self.hello: Hello | None = None
+        self.route: Route | None = None
+        self.targets: list[Target] = []
+        self.target: Target | None = None
+        self.upstream: socket.socket | None = None
+        self.upstream_fd = -1
+        self.up: Flow | None = None  # client → upstream
+        self.down: Flow | None = None  # upstream → client
+        self.idle_mark = 0
+        self.idle_since = 0.0
+        self.started = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = loop.call_later(
+            listener.config.hello_timeout, self._hello_timed_out
+        )
+        loop.add_reader(self.client_fd, self._on_client_readable)
+
+    # --- client side until the upstream is open -----------------------------------------------
+
+    def _on_client_readable(self) -> None:
+        if self.up is not None:
+            self.up.on_readable()
+            return
+        view = self.listener.view
+        try:
+            n = self.client.recv_into(view)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._reject("client_reset")
+            return
+        if n == 0:
+            if self.phase is Phase.HELLO:
+                self._reject("client_closed")
+            else:  # half-close after the hello: delivered once the upstream is open
+                self.client_eof = True
+                self.loop.remove_reader(self.client_fd)
+            return
+        chunk = view[:n]
+        self.buffered += chunk
+        if self.phase is Phase.CONNECTING:
+            # Bytes after the hello (e.g. early data) wait for the upstream; bounded.
+            if len(self.buffered) > 2 * self.listener.config.max_hello_bytes:
+                self.loop.remove_reader(self.client_fd)
+                self.client_paused = True
+            return
+        result = self.reader.feed(chunk)
+        if result is None:
+            return
+        if isinstance(result, Rejection):
+            self._reject(result.reason.value, result.detail)
+            return
+        self._route(result)
+
+    def _hello_timed_out(self) -> None:
+        self.timer = None
+        self._reject("hello_timeout")
+
+    def _route(self, hello: Hello) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.hello = hello
+        metrics = self.listener.metrics
+        metrics.hello_bytes.observe(hello.length)
+        metrics.hello_seconds.observe(time.monotonic() - self.started)
+        for protocol in hello.alpn or ("none",):
+            metrics.alpn_offered(protocol).inc()
+        route = self.listener.table.resolve(hello.sni)
+        if route is None:
+            self._reject("unknown_sni")
+            return
+        self.route = route
+        self.targets = route.cluster.attempt_order()
+        self.phase = Phase.CONNECTING
+        self._connect_next()
+
+    # --- upstream connection, with failover ---------------------------------------------------
+
+    def _connect_next(self) -> None:
+        route = self.route
+        assert route is not None
+        while self.targets:
+            target = self.targets.pop(0)
+            if target.sockaddr is None:
+                self.listener.spawn(self._resolve_then_connect(target))
+                return
+            try:
+                sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as error:
+                self._count_failure(error)
+                continue
+            try:
+                _tune(sock)
+                code = sock.connect_ex(target.sockaddr)
+            except OSError as error:
+                sock.close()
+                self._count_failure(error)
+                continue
+            if code not in (0, errno.EINPROGRESS):
+                sock.close()
+                self._count_failure(OSError(code, errno.errorcode.get(code, str(code))))
+                continue
+            self.upstream = sock
+            self.upstream_fd = sock.fileno()
+            self.target = target
+            self.timer = self.loop.call_later(
+                self.listener.config.connect_timeout, self._connect_timed_out
+            )
+            self.loop.add_writer(self.upstream_fd, self._on_upstream_writable)
+            return
+        self._reject("no_upstream")
+
+    async def _resolve_then_connect(self, target: Target) -> None:
+        """Slow path for endpoints named by DNS: resolve, then try the addresses in order."""
+        endpoint = target.endpoint
+        try:
+            infos = await self.loop.getaddrinfo(
+                endpoint.host, endpoint.port, type=socket.SOCK_STREAM
+            )
+        except OSError as error:
+            infos = []
+            self._count_failure(error)
+        if self.phase is not Phase.CONNECTING:
+            return
+        resolved = [Target(endpoint, family, sockaddr) for family, _, _, _, sockaddr in infos]
+        self.targets[:0] = resolved
+        self._connect_next()
+
+    def _connect_timed_out(self) -> None:
+        self.timer = None
+        self._drop_upstream(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
+
+    def _drop_upstream(self, error: OSError) -> None:
+        """This endpoint failed before anything was sent to it: try the next one."""
+        self._count_failure(error)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.upstream is not None:
+            self.loop.remove_writer(self.upstream_fd)
+            self.upstream.close()
+            self.upstream = None
+            self.upstream_fd = -1
+        self._connect_next()
+
+    def _count_failure(self, error: OSError) -> None:
+        route = self.route
+        assert route is not None
+        reason = errno.errorcode.get(error.errno or 0, "error").lower()
+        self.listener.metrics.upstream_failures.labels(
+            route.kind.value, route.datacenter, reason
+        ).inc()
+        target = self.target.endpoint if self.target else None
+        log.debug("upstream %s failed for %s: %s", target, self.hello and self.hello.sni, error)
+
+    def _on_upstream_writable(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        try:
+            # A failed connect shows up here as the send error (ECONNREFUSED...): no getsockopt.
+            sent = upstream.send(self.buffered)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            if self.timer is None:  # already connected and partly written: no failover now
+                self.abort(upstream, error)
+            else:
+                self._drop_upstream(error)
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            route = self.route
+            assert route is not None
+            stats = self.listener.metrics.route_stats(route.kind.value, route.datacenter)
+            stats.connect_seconds.observe(time.monotonic() - self.started)
+        self.early_bytes += sent
+        self.buffered = self.buffered[sent:]
+        if self.buffered:
+            return
+        self._open()
+
+    def _open(self) -> None:
+        listener = self.listener
+        loop = self.loop
+        upstream = self.upstream
+        assert upstream is not None
+        self.phase = Phase.OPEN
+        self.reader = None  # type: ignore[assignment]  # the hello is done: free its buffer
+        mode, pool, view = listener.pump_mode, listener.pipes, listener.view
+        self.up = Flow(loop, self, self.client, upstream, view, pool, mode)
+        self.down = Flow(loop, self, upstream, self.client, view, pool, mode)
+        self.up.bytes = self.early_bytes
+        loop.remove_writer(self.upstream_fd)
+        loop.add_reader(self.upstream_fd, self.down.on_readable)
+        if self.client_eof:
+            self.up.at_eof()
+        elif self.client_paused:
+            loop.add_reader(self.client_fd, self._on_client_readable)
+        self.idle_since = loop.time()
+
+    # --- flows' callbacks and the end ---------------------------------------------------------
+
+    def flow_finished(self) -> None:
+        if self.up is not None and self.down is not None and self.up.done and self.down.done:
+            self.close("closed")
+
+    def abort(self, dead: socket.socket, error: OSError) -> None:
+        """One side failed: reset the other, so it learns of the abort (RST, not FIN)."""
+        other = self.upstream if dead is self.client else self.client
+        if other is not None:
+            with contextlib.suppress(OSError):
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.close("client_reset" if dead is self.client else "upstream_reset")
+
+    def _reject(self, reason: str, detail: str = "") -> None:
+        self.listener.metrics.rejection(reason).inc()
+        self.close(reason, detail=detail, rejected=True)
+
+    def close(self, outcome: str, *, detail: str = "", rejected: bool = False) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        loop = self.loop
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        loop.remove_reader(self.client_fd)
+        loop.remove_writer(self.client_fd)
+        self.client.close()
+        if self.upstream is not None:
+            loop.remove_reader(self.upstream_fd)
+            loop.remove_writer(self.upstream_fd)
+            self.upstream.close()
+        up, down = self.up, self.down
+        if up is not None and down is not None:
+            up.release()
+            down.release()
+        route = self.route
+        if route is not None and not rejected:
+            metrics = self.listener.metrics
+            kind = route.kind.value
+            metrics.outcome(kind, route.datacenter, outcome).inc()
+            stats = metrics.route_stats(kind, route.datacenter)
+            if up is not None and down is not None:
+                stats.bytes_up.inc(up.bytes)
+                stats.bytes_down.inc(down.bytes)
+        self.listener.connection_closed(self)
+        if self.listener.config.access_log and access_log.isEnabledFor(logging.INFO):
+            self._log(outcome, detail)
+
+    def _log(self, outcome: str, detail: str) -> None:
+        hello, route, target = self.hello, self.route, self.target
+        fields = {
+            "client": f"{self.peer[0]}:{self.peer[1]}" if self.peer else "",
+            "sni": hello.sni if hello else None,
+            "alpn": ",".join(hello.alpn) if hello and hello.alpn else None,
+            "route": route.kind.value if route else None,
+            "dc": route.datacenter if route else None,
+            "upstream": str(target.endpoint) if target and self.up else None,
+            "bytes_up": self.up.bytes if self.up else len(self.buffered),
+            "bytes_down": self.down.bytes if self.down else 0,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "outcome": outcome,
+        }
+        if detail:
+            fields["detail"] = detail
+        access_log.info("connection", extra={"fields": fields})
+
+
+class Listener:
+    """Accepts on one address and owns every connection it accepted."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: DataPlaneConfig,
+        table: RouteTable,
+        host: str,
+        port: int,
+        *,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.loop = loop
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.table = table  # swapped whole by set_table; read once per connection
+        self.host, self.port = host, port
+        self.reuse_port = reuse_port
+        self.connections: set[Connection] = set()
+        self.view = memoryview(bytearray(BUFFER_SIZE))
+        use_splice = SPLICE_AVAILABLE and config.pump != "userspace"
+        self.pipes: PipePool | None = PipePool() if use_splice else None
+        self.pump_mode = config.pump if use_splice else "userspace"
+        self.sock: socket.socket | None = None
+        self.draining = False
+        self._accept_delay = 0.0
+        self._idle: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(max(self.config.backlog, socket.SOMAXCONN))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.loop.add_reader(sock.fileno(), self._on_accept)
+        if self.config.idle_timeout:
+            self._schedule_sweep()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def set_table(self, table: RouteTable) -> None:
+        """New connections use the new table; connections in flight keep their upstream."""
+        self.table = table
+
+    def stop_accepting(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting, let open connections finish for up to `timeout` seconds, then close
+        the rest. Returns how many had to be closed."""
+        self.draining = True
+        self.stop_accepting()
+        if self.connections:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        left = list(self.connections)
+        for conn in left:
+            conn.close("drain_timeout")
+        self.close()
+        return len(left)
+
+    def close(self) -> None:
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.close("shutdown")
+        for task in self._tasks:
+            task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.pipes is not None:
+            self.pipes.close()
+
+    # --- accepting ----------------------------------------------------------------------------
+
+    def _on_accept(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        config = self.config
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, peer = sock.accept()
+            except BlockingIOError:
+                break
+            except OSError as error:
+                name = errno.errorcode.get(error.errno or 0, "error")
+                self.metrics.accept_errors.labels(name).inc()
+                if error.errno in RESOURCE_ERRORS:
+                    self._back_off(name)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone, keep accepting
+            self._accept_delay = 0.0
+            if len(self.connections) >= config.max_connections:
+                self.metrics.rejection("max_connections").inc()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                client.close()
+                continue
+            try:
+                client.setblocking(False)
+                _tune(client)
+            except OSError:
+                client.close()
+                continue
+            self.connections.add(Connection(self, client, peer))
+            self.metrics.active.inc()
+
+    def _back_off(self, reason: str) -> None:
+        """Out of descriptors or memory: stop accepting for a moment instead of spinning."""
+        sock = self.sock
+        if sock is None:
+            return
+        self._accept_delay = min(max(self._accept_delay * 2, 0.05), 1.0)
+        log.warning(
+            "accept failed (%s): pausing accepts for %.2fs; open connections: %d",
+            reason,
+            self._accept_delay,
+            len(self.connections),
+        )
+        self.loop.remove_reader(sock.fileno())
+
+        def resume() -> None:
+            if self.sock is sock:
+                self.loop.add_reader(sock.fileno(), self._on_accept)
+
+        self.loop.call_later(self._accept_delay, resume)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.metrics.active.dec()
+        if self._idle is not None and not self.connections:
+            self._idle.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- idle timeout -------------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        idle = self.config.idle_timeout
+        assert idle
+        self._sweeper = self.loop.call_later(max(idle / 4, 0.05), self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close connections that moved no byte for idle_timeout; no per-read bookkeeping."""
+        idle = self.config.idle_timeout
+        assert idle
+        now = self.loop.time()
+        for conn in list(self.connections):
+            up, down = conn.up, conn.down
+            if up is None or down is None:
+                continue
+            moved = up.bytes + down.bytes
+            if moved != conn.idle_mark:
+                conn.idle_mark, conn.idle_since = moved, now
+            elif now - conn.idle_since >= idle:
+                conn.close("idle_timeout")
+        self._schedule_sweep()

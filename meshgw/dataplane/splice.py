@@ -1,0 +1,63 @@
+"""Linux splice(2): bulk bytes go socket → pipe → socket without entering userspace.
+
+A pipe is taken from the pool only while bytes are in flight in one direction, and given back as
+soon as it is empty, so an idle connection holds no pipe at all.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+
+SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+# SPLICE_F_MOVE is a hint the kernel ignores for sockets; NONBLOCK keeps the pipe side from
+# blocking when it is full or empty (the sockets themselves are non-blocking).
+SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class PipePool:
+    """Non-blocking pipes kept for reuse; at most `max_free` idle pipes are kept open."""
+
+    __slots__ = ("_free", "_max_free", "capacity", "created")
+
+    def __init__(self, max_free: int = 64, capacity: int = 0) -> None:
+        self._free: list[tuple[int, int]] = []
+        self._max_free = max_free
+        # 0 keeps the kernel default (64 KiB). Larger pipes mean fewer splices per GB, but every
+        # pipe counts against the per-user pipe page quota.
+        self.capacity = capacity
+        self.created = 0
+
+    def take(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.capacity:
+            try:
+                fcntl.fcntl(write_end, F_SETPIPE_SZ, self.capacity)
+            except OSError:
+                self.capacity = 0  # above pipe-max-size or the user's quota: keep the default
+        self.created += 1
+        return read_end, write_end
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """Return an *empty* pipe; a pipe that still holds bytes must be closed with `discard`."""
+        if len(self._free) < self._max_free:
+            self._free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def close(self) -> None:
+        while self._free:
+            self.discard(self._free.pop())
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)

@@ -1,0 +1,555 @@
+"""The data plane over real loopback sockets: routing, byte-exactness, half-close, limits."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from meshgw.tls.certs import create_ca, create_cert
+from tests.conftest import (
+    WAIT,
+    closed_by_peer,
+    connect,
+    open_fds,
+    recv_all,
+    recv_exactly,
+    stream,
+)
+from tests.hellos import python_hello, reframe, with_mlkem_key_share
+
+TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
+
+
+def metric(admin_port: int, name: str, **labels: str) -> float:
+    """The value of one sample from /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=WAIT) as r:
+        text = r.read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if "{" in key:
+            metric_name, _, rest = key.partition("{")
+            parsed = ",".join(sorted(rest.rstrip("}").split(",")))
+        else:
+            metric_name, parsed = key, ""
+        if metric_name == name and parsed == want:
+            return float(value)
+    return 0.0
+
+
+def recorder(store: list[bytes]):
+    """A backend handler that keeps everything it receives until EOF, then closes."""
+
+    def handle(conn: socket.socket) -> None:
+        store.append(recv_all(conn))
+
+    return handle
+
+
+# --- real TLS through the gateway --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    ca = create_ca()
+    folder = tmp_path_factory.mktemp("pki")
+    (folder / "ca.pem").write_bytes(ca.cert_pem)
+    files = {"ca": folder / "ca.pem"}
+    for dc, node in [("dc1", "node1"), ("dc2", "node2")]:
+        issued = create_cert(ca, "server", dc=dc, node=node)
+        (folder / f"{dc}.pem").write_bytes(issued.cert_pem)
+        (folder / f"{dc}-key.pem").write_bytes(issued.key_pem)
+        files[dc] = folder / f"{dc}.pem"
+        files[f"{dc}-key"] = folder / f"{dc}-key.pem"
+    return files
+
+
+def tls_server(pki, dc: str):
+    """A Consul-server-like TLS endpoint: mTLS, answers with its name and what it was sent."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki[dc], pki[f"{dc}-key"])
+    ctx.load_verify_locations(pki["ca"])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["consul/rpc-multi"])
+
+    def handle(conn: socket.socket) -> None:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            data = tls.recv(1024)
+            tls.sendall(f"{dc}:{tls.selected_alpn_protocol()}:".encode() + data)
+
+    return handle
+
+
+def tls_client(pki, dc: str, port: int, name: str) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki["ca"])
+    ctx.load_cert_chain(pki[dc], pki[f"{dc}-key"])
+    ctx.set_alpn_protocols(["consul/rpc-multi"])
+    with (
+        connect(port) as raw,
+        ctx.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        tls.sendall(b"ping")
+        return tls.recv(1024)
+
+
+def test_tls_with_hostname_verification_to_local_and_remote_servers(
+    pki, gateway_factory, backend_factory
+):
+    dc1_server = backend_factory(tls_server(pki, "dc1"))
+    dc2_server = backend_factory(tls_server(pki, "dc2"))
+    dc2_gateway = gateway_factory(
+        dc="dc2", expose_servers=True, servers=[f"node2={dc2_server.address}"]
+    )
+    dc1_gateway = gateway_factory(
+        dc="dc1",
+        expose_servers=True,
+        servers=[f"node1={dc1_server.address}"],
+        gateways=[f"dc2=127.0.0.1:{dc2_gateway.port}"],
+    )
+    port = dc1_gateway.port
+    assert tls_client(pki, "dc1", port, "node1.server.dc1.consul") == b"dc1:consul/rpc-multi:ping"
+    assert tls_client(pki, "dc1", port, "server.dc1.consul") == b"dc1:consul/rpc-multi:ping"
+    # dc1 → dc2's gateway → dc2's server, by exact node name, wildcard and bare server name.
+    assert tls_client(pki, "dc1", port, "node2.server.dc2.consul") == b"dc2:consul/rpc-multi:ping"
+    assert tls_client(pki, "dc1", port, "server.dc2.consul") == b"dc2:consul/rpc-multi:ping"
+    # The gateway never terminates TLS: a server whose certificate lacks the name is caught by
+    # the client's own verification, end to end.
+    dc3_gateway = gateway_factory(
+        dc="dc3", expose_servers=True, servers=[f"imposter={dc1_server.address}"]
+    )
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_client(pki, "dc1", dc3_gateway.port, "imposter.server.dc3.consul")
+    assert metric(dc1_gateway.admin_port, "meshgw_alpn_offered_total", protocol="consul/rpc-multi")
+
+
+def test_openssl_s_client_through_the_gateway(pki, gateway_factory, backend_factory, tmp_path):
+    server = backend_factory(tls_server(pki, "dc1"))
+    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"])
+    import subprocess
+
+    result = subprocess.run(
+        [
+            "openssl", "s_client", "-connect", f"127.0.0.1:{gw.port}",
+            "-servername", "node1.server.dc1.consul", "-verify_hostname",
+            "node1.server.dc1.consul", "-CAfile", str(pki["ca"]), "-cert", str(pki["dc1"]),
+            "-key", str(pki["dc1-key"]), "-alpn", "consul/rpc-multi", "-verify_return_error",
+            "-quiet",
+        ],
+        input=b"hello-openssl",
+        capture_output=True,
+        timeout=WAIT,
+    )  # fmt: skip
+    assert b"dc1:consul/rpc-multi:hello-openssl" in result.stdout, result.stderr
+
+
+# --- byte-exactness ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pump", "size"),
+    [("auto", 256 << 20), ("splice", 256 << 20), ("userspace", 64 << 20)],
+)
+def test_bulk_both_ways_at_once_is_byte_exact(gateway_factory, backend_factory, pump, size):
+    hello = python_hello("node1.server.dc1.consul")
+    got: dict[str, str] = {}
+
+    def backend(conn: socket.socket) -> None:
+        def send() -> None:
+            digest = hashlib.sha256()
+            for chunk in stream(b"down", size):
+                conn.sendall(chunk)
+                digest.update(chunk)
+            conn.shutdown(socket.SHUT_WR)
+            got["down_sent"] = digest.hexdigest()
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        digest = hashlib.sha256()
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+        got["up_received"] = digest.hexdigest()
+        sender.join(60)
+
+    server = backend_factory(backend)
+    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"], pump=pump)
+    with connect(gw.port) as client:
+        client.settimeout(60)
+
+        def send() -> None:
+            digest = hashlib.sha256(hello)
+            client.sendall(hello)
+            for chunk in stream(b"up", size):
+                client.sendall(chunk)
+                digest.update(chunk)
+            client.shutdown(socket.SHUT_WR)
+            got["up_sent"] = digest.hexdigest()
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        digest = hashlib.sha256()
+        received = 0
+        while chunk := client.recv(1 << 20):
+            digest.update(chunk)
+            received += len(chunk)
+        sender.join(60)
+    got["down_received"] = digest.hexdigest()
+    server.close()
+    assert not server.errors
+    assert received == size
+    assert got["up_sent"] == got["up_received"]
+    assert got["down_sent"] == got["down_received"]
+    gw.wait_idle()
+    assert metric(gw.admin_port, "meshgw_bytes_total", route_kind="local_server",
+                  datacenter="dc1", direction="downstream") == size  # fmt: skip
+
+
+def test_half_close_each_way(gateway_factory, backend_factory):
+    hello = python_hello("server.dc1.consul")
+
+    def server_answers_after_eof(conn: socket.socket) -> None:
+        request = recv_all(conn)  # until the client's FIN
+        conn.sendall(b"answer:" + hashlib.sha256(request).digest())
+
+    a = backend_factory(server_answers_after_eof)
+    gw = gateway_factory(expose_servers=True, servers=[f"a={a.address}"])
+    with connect(gw.port) as client:
+        client.sendall(hello + b"request body")
+        client.shutdown(socket.SHUT_WR)
+        reply = recv_all(client)
+    assert reply == b"answer:" + hashlib.sha256(hello + b"request body").digest()
+
+    # The server finishes first; the client keeps sending after the server's FIN.
+    tail: list[bytes] = []
+
+    def server_closes_first(conn: socket.socket) -> None:
+        recv_exactly(conn, len(hello))
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
+        tail.append(recv_all(conn))
+
+    b = backend_factory(server_closes_first)
+    gw2 = gateway_factory(expose_servers=True, servers=[f"b={b.address}"])
+    with connect(gw2.port) as client:
+        client.sendall(hello)
+        assert recv_all(client) == b"bye"  # EOF from the server came through
+        client.sendall(b"still talking")
+        client.shutdown(socket.SHUT_WR)
+        b.close()
+    assert tail == [b"still talking"]
+
+
+@pytest.mark.parametrize("shape", ["one_byte_at_a_time", "multi_record", "mlkem_multi_record"])
+def test_split_and_multi_record_hellos_are_forwarded_verbatim(
+    gateway_factory, backend_factory, shape
+):
+    received: list[bytes] = []
+    server = backend_factory(recorder(received))
+    gw = gateway_factory(expose_servers=True, servers=[f"n1={server.address}"])
+    hello = python_hello("n1.server.dc1.consul")
+    if shape == "multi_record":
+        hello = reframe(hello, [60, 7, 100])
+    elif shape == "mlkem_multi_record":
+        hello = reframe(with_mlkem_key_share(hello), [1200])
+    with connect(gw.port) as client:
+        if shape == "one_byte_at_a_time":
+            for i in range(len(hello)):
+                client.send(hello[i : i + 1])
+        else:
+            client.sendall(hello)
+        client.sendall(b"after")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    server.close()
+    assert received == [hello + b"after"]
+
+
+# --- failover, refusals, deadlines, limits -----------------------------------------------------
+
+
+def refused_address() -> str:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now: connecting is refused
+    return f"127.0.0.1:{port}"
+
+
+def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory):
+    received: list[bytes] = []
+    server = backend_factory(recorder(received))
+    gw = gateway_factory(
+        expose_servers=True,
+        gateways=[f"dc2={refused_address()}", f"dc2={server.address}"],
+    )
+    hello = python_hello("server.dc2.consul")
+    for _ in range(4):  # round robin starts on each endpoint in turn
+        with connect(gw.port) as client:
+            client.sendall(hello)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b""
+    server.close()
+    assert received == [hello] * 4
+    failures = metric(
+        gw.admin_port,
+        "meshgw_upstream_connect_failures_total",
+        route_kind="remote_server",
+        datacenter="dc2",
+        reason="econnrefused",
+    )
+    assert failures >= 2
+
+
+def test_every_endpoint_down_closes_the_client(gateway_factory):
+    gw = gateway_factory(expose_servers=True, gateways=[f"dc2={refused_address()}"])
+    with connect(gw.port) as client:
+        client.sendall(python_hello("server.dc2.consul"))
+        assert closed_by_peer(client)
+    assert metric(gw.admin_port, "meshgw_rejections_total", reason="no_upstream") == 1
+
+
+def test_connect_timeout_fails_over(gateway_factory, backend_factory):
+    received: list[bytes] = []
+    server = backend_factory(recorder(received))
+    # A listener whose backlog is full never completes new handshakes: a black hole.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(hole.getsockname())
+        fillers.append(s)
+    try:
+        gw = gateway_factory(
+            expose_servers=True,
+            connect_timeout=0.3,
+            gateways=[f"dc2=127.0.0.1:{hole.getsockname()[1]}", f"dc2={server.address}"],
+        )
+        hello = python_hello("server.dc2.consul")
+        for _ in range(2):
+            with connect(gw.port) as client:
+                client.sendall(hello)
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b""
+        server.close()
+        assert received == [hello] * 2
+        timeouts = metric(
+            gw.admin_port,
+            "meshgw_upstream_connect_failures_total",
+            route_kind="remote_server",
+            datacenter="dc2",
+            reason="etimedout",
+        )
+        assert timeouts == 1
+    finally:
+        for s in fillers:
+            s.close()
+        hole.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not_tls"),
+        (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", "not_client_hello"),
+        (python_hello(None), "no_sni"),
+        (python_hello("node1.server.dc9.consul"), "unknown_sni"),
+        (python_hello("example.com"), "unknown_sni"),
+        (python_hello("web.default.dc1.internal." + TD), "unknown_sni"),
+    ],
+)
+def test_unknown_and_malformed_input_is_refused(gateway_factory, backend_factory, payload, reason):
+    server = backend_factory(recorder([]))
+    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"])
+    with connect(gw.port) as client:
+        client.sendall(payload)
+        assert closed_by_peer(client)
+    assert server.accepted == 0
+    assert metric(gw.admin_port, "meshgw_rejections_total", reason=reason) == 1
+
+
+def test_without_expose_servers_no_server_name_is_routed(gateway_factory, backend_factory):
+    server = backend_factory(recorder([]))
+    gw = gateway_factory(servers=[f"node1={server.address}"], gateways=["dc2=127.0.0.1:9"])
+    for name in ["node1.server.dc1.consul", "server.dc1.consul", "server.dc2.consul"]:
+        with connect(gw.port) as client:
+            client.sendall(python_hello(name))
+            assert closed_by_peer(client)
+    assert server.accepted == 0
+
+
+def test_hello_deadline(gateway_factory):
+    gw = gateway_factory(hello_timeout=0.3)
+    hello = python_hello("server.dc1.consul")
+    with connect(gw.port) as client:
+        client.sendall(hello[:40])  # a slow client: part of a hello, then nothing
+        started = time.monotonic()
+        assert closed_by_peer(client)
+        assert 0.2 < time.monotonic() - started < 3
+    assert metric(gw.admin_port, "meshgw_rejections_total", reason="hello_timeout") == 1
+
+
+def test_hello_over_the_cap_is_refused(gateway_factory):
+    gw = gateway_factory(max_hello_bytes=1024)
+    with connect(gw.port) as client:
+        client.sendall(with_mlkem_key_share(python_hello("server.dc1.consul")))
+        assert closed_by_peer(client)
+    assert metric(gw.admin_port, "meshgw_rejections_total", reason="too_large") == 1
+
+
+def test_max_connections(gateway_factory):
+    gw = gateway_factory(max_connections=2)
+    held = [connect(gw.port) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + WAIT
+        while gw.active() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            third = connect(gw.port)
+        except ConnectionResetError:
+            pass  # reset so fast that setting TCP_NODELAY already failed: refused all the same
+        else:
+            with third:
+                assert closed_by_peer(third)
+        assert metric(gw.admin_port, "meshgw_rejections_total", reason="max_connections") == 1
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_idle_timeout_closes_quiet_connections(gateway_factory, backend_factory):
+    def hold(conn: socket.socket) -> None:
+        recv_all(conn)
+
+    server = backend_factory(hold)
+    gw = gateway_factory(expose_servers=True, servers=[f"n={server.address}"], idle_timeout=0.4)
+    with connect(gw.port) as client:
+        client.sendall(python_hello("n.server.dc1.consul"))
+        started = time.monotonic()
+        assert closed_by_peer(client)
+        assert 0.3 < time.monotonic() - started < 3
+
+
+def test_upstream_reset_resets_the_client(gateway_factory, backend_factory):
+    import struct
+
+    def reset(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    server = backend_factory(reset)
+    gw = gateway_factory(expose_servers=True, servers=[f"n={server.address}"])
+    with connect(gw.port) as client:
+        client.sendall(python_hello("n.server.dc1.consul"))
+        with pytest.raises(ConnectionResetError):
+            while client.recv(65536):
+                pass
+
+
+# --- a child process: drain on SIGTERM, descriptors -------------------------------------------
+
+
+def test_sigterm_drains_a_transfer_in_flight(gateway_process, backend_factory):
+    size = 32 << 20
+    got: dict[str, str] = {}
+    started = threading.Event()
+
+    def backend(conn: socket.socket) -> None:
+        recv_exactly(conn, len(hello))
+        started.set()
+        digest = hashlib.sha256()
+        for chunk in stream(b"drain", size, block=256 << 10):
+            conn.sendall(chunk)
+            digest.update(chunk)
+            time.sleep(0.002)  # a transfer that outlives the signal
+        got["sent"] = digest.hexdigest()
+
+    hello = python_hello("n.server.dc1.consul")
+    server = backend_factory(backend)
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--expose-servers", "--server", f"n={server.address}", "--drain-timeout", "20",
+    ).wait_listening()  # fmt: skip
+    with connect(gw.port) as client:
+        client.settimeout(30)
+        client.sendall(hello)
+        assert started.wait(WAIT)
+        gw.signal(signal.SIGTERM)
+        gw.wait_for("draining")
+        # New connections are refused while the old one finishes.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT).close()
+        digest = hashlib.sha256()
+        while chunk := client.recv(1 << 20):
+            digest.update(chunk)
+    assert gw.wait_exit(30) == 0
+    server.close()
+    assert digest.hexdigest() == got["sent"]
+    assert any("closed_at_deadline=0" in line for line in gw.lines)
+
+
+def test_no_descriptor_growth_after_thousands_of_mixed_connections(
+    gateway_process, backend_factory
+):
+    def echo_some(conn: socket.socket) -> None:
+        data = conn.recv(65536)
+        conn.sendall(data[:10])
+
+    server = backend_factory(echo_some)
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-access-log",
+        "--expose-servers", "--server", f"n={server.address}",
+        "--gateway", f"dc2={refused_address()}", "--hello-timeout", "0.2",
+    ).wait_listening()  # fmt: skip
+    good = python_hello("n.server.dc1.consul")
+    partial = good[:30]
+    kinds = [
+        good,  # routed and answered
+        python_hello("x.example.org"),  # unknown name
+        b"\x00garbage" * 20,  # not TLS
+        python_hello("server.dc2.consul"),  # every upstream refuses
+        partial,  # slow client hitting the hello deadline
+        b"",  # connect and leave
+    ]
+    baseline = open_fds(gw.proc.pid)
+    slow: list[socket.socket] = []
+    for i in range(3000):
+        payload = kinds[i % len(kinds)]
+        client = connect(gw.port)
+        if payload is partial:
+            client.sendall(payload)
+            slow.append(client)
+            continue
+        if payload:
+            client.sendall(payload)
+        if i % 12 == 0:  # abort with RST instead of FIN
+            import struct
+
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif payload is good:
+            recv_all(client)
+        client.close()
+    for client in slow:
+        closed_by_peer(client)
+        client.close()
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        active = metric(gw.admin_port, "meshgw_active_connections")
+        if active == 0 and open_fds(gw.proc.pid) <= baseline:
+            break
+        time.sleep(0.05)
+    assert metric(gw.admin_port, "meshgw_active_connections") == 0
+    # The pipe pool may keep a few idle pipes (two descriptors each) for reuse.
+    assert open_fds(gw.proc.pid) <= baseline + 2 * 64
+    assert metric(gw.admin_port, "meshgw_rejections_total", reason="hello_timeout") == 500
