@@ -1,0 +1,157 @@
+"""Route table rules (CONSUL.md §3): exact first, longest wildcard suffix, everything else refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshgw.routing import RouteKind, RouteTable
+from meshgw.topology import (
+    Endpoint,
+    GatewayKey,
+    ServiceKey,
+    Source,
+    TopologyPart,
+    merge,
+)
+
+TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
+
+
+def ep(host: str, port: int = 8443, healthy: bool = True) -> Endpoint:
+    return Endpoint(host, port, healthy=healthy)
+
+
+def table(expose: bool = True, trust_domain: str | None = TD) -> RouteTable:
+    part = TopologyPart(
+        source=Source.STATIC,
+        datacenter="dc1",
+        trust_domain=trust_domain,
+        servers={"s1": ep("10.0.0.1", 8300), "s2": ep("10.0.0.2", 8300)},
+        gateways={
+            GatewayKey("dc1"): (ep("10.0.0.9"),),  # this gateway's own key: never routed
+            GatewayKey("dc2"): (ep("10.2.0.1"), ep("10.2.0.2")),
+            GatewayKey("dc3"): (ep("10.3.0.1"),),
+            GatewayKey("dc2", "ap1"): (ep("10.2.1.1"),),
+        },
+        services={ServiceKey("web"): (ep("10.0.1.1", 20000),)},
+    )
+    return RouteTable.build(merge([part], expose_servers=expose))
+
+
+ROUTES = [
+    ("s1.server.dc1.consul", RouteKind.LOCAL_SERVER, ["10.0.0.1:8300"]),
+    ("server.dc1.consul", RouteKind.ANY_LOCAL_SERVER, ["10.0.0.1:8300", "10.0.0.2:8300"]),
+    ("server.dc2.consul", RouteKind.REMOTE_SERVER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
+    ("s9.server.dc2.consul", RouteKind.REMOTE_SERVER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
+    ("a.b.server.dc3.consul", RouteKind.REMOTE_SERVER, ["10.3.0.1:8443"]),
+    (f"web.default.dc2.internal.{TD}", RouteKind.REMOTE_DATACENTER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
+    (f"v1.web.default.dc3.internal.{TD}", RouteKind.REMOTE_DATACENTER, ["10.3.0.1:8443"]),
+    (f"dc2.internal.{TD}", RouteKind.REMOTE_DATACENTER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
+    (f"web.default.ap1.dc2.internal-v1.{TD}", RouteKind.REMOTE_DATACENTER, ["10.2.1.1:8443"]),
+    (f"web.default.dc1.internal.{TD}", RouteKind.LOCAL_SERVICE, ["10.0.1.1:20000"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("sni", "kind", "targets"), ROUTES)
+def test_routes(sni: str, kind: RouteKind, targets: list[str]) -> None:
+    route = table().resolve(sni)
+    assert route is not None
+    assert route.kind is kind
+    assert sorted(str(t.endpoint) for t in route.cluster.targets) == targets
+
+
+REFUSED = [
+    "s3.server.dc1.consul",  # no such local server
+    "x.s1.server.dc1.consul",  # no wildcard for the local datacenter's servers
+    "server.dc9.consul",  # unknown datacenter
+    "s1.server.dc9.consul",
+    "server.dc2.consul.evil.com",
+    "dc2.consul",
+    "consul",
+    f"api.default.dc1.internal.{TD}",  # unknown local service
+    f"web.default.ap2.dc2.internal-v1.{TD}",  # partition without known gateways
+    f"web.default.dc2.internal.{TD[:-1]}x",  # another trust domain
+    f"x.dc1.internal.{TD}",  # the local datacenter via its own gateways
+    "example.com",
+]
+
+
+@pytest.mark.parametrize("sni", REFUSED)
+def test_everything_else_is_refused(sni: str) -> None:
+    t = table()
+    assert t.resolve(sni) is None
+    assert ": refused:" in t.explain(sni)
+
+
+def test_without_expose_servers_no_server_name_routes() -> None:
+    t = table(expose=False)
+    for sni in [
+        "s1.server.dc1.consul",
+        "server.dc1.consul",
+        "server.dc2.consul",
+        "a.server.dc2.consul",
+    ]:
+        assert t.resolve(sni) is None
+        assert "--expose-servers" in t.explain(sni)
+    assert t.resolve(f"web.default.dc2.internal.{TD}") is not None
+
+
+def test_without_trust_domain_mesh_names_are_refused() -> None:
+    t = table(trust_domain=None)
+    assert t.resolve(f"web.default.dc2.internal.{TD}") is None
+    assert t.resolve("server.dc2.consul") is not None
+    assert any("trust domain" in note for note in t.notes)
+
+
+def test_exact_beats_wildcard_and_longest_suffix_wins() -> None:
+    t = table()
+    # server.dc2.consul is an exact route; node names under it take the wildcard.
+    assert t.resolve("server.dc2.consul").pattern == "server.dc2.consul"  # type: ignore[union-attr]
+    assert t.resolve("n.server.dc2.consul").pattern == "*.server.dc2.consul"  # type: ignore[union-attr]
+    route = t.resolve(f"web.default.dc2.internal.{TD}")
+    assert route is not None and route.pattern == f"*.dc2.internal.{TD}"
+
+
+def test_round_robin_then_failover_order_and_unhealthy_last() -> None:
+    part = TopologyPart(
+        source=Source.STATIC,
+        datacenter="dc1",
+        gateways={GatewayKey("dc2"): (ep("a"), ep("b", healthy=False), ep("c"))},
+    )
+    cluster = (
+        RouteTable.build(merge([part], expose_servers=True)).exact["server.dc2.consul"].cluster
+    )
+    orders = [[t.endpoint.host for t in cluster.attempt_order()] for _ in range(3)]
+    assert orders == [["a", "c", "b"], ["c", "a", "b"], ["a", "c", "b"]]
+
+
+def test_merge_later_part_wins_and_static_settings_override() -> None:
+    consul = TopologyPart(
+        source=Source.CONSUL,
+        datacenter="dc1",
+        trust_domain=TD,
+        servers={"s1": ep("10.0.0.1", 8300)},
+        gateways={GatewayKey("dc2"): (ep("10.2.0.1"),)},
+    )
+    static = TopologyPart(source=Source.STATIC, gateways={GatewayKey("dc2"): (ep("192.0.2.1"),)})
+    topo = merge([consul, static])
+    assert topo.gateways[GatewayKey("dc2")] == (ep("192.0.2.1"),)
+    assert topo.servers["s1"] == ep("10.0.0.1", 8300)
+    assert topo.trust_domain == TD
+    with pytest.raises(ValueError, match="--dc"):
+        merge([TopologyPart(source=Source.STATIC)])
+
+
+def test_ipv6_and_dns_endpoints() -> None:
+    part = TopologyPart(
+        source=Source.STATIC,
+        datacenter="dc1",
+        gateways={GatewayKey("dc2"): (ep("::1"), ep("gw.example.net"))},
+    )
+    targets = (
+        RouteTable.build(merge([part], expose_servers=True))
+        .exact["server.dc2.consul"]
+        .cluster.targets
+    )
+    assert targets[0].sockaddr == ("::1", 8443, 0, 0)
+    assert targets[1].sockaddr is None  # resolved at connect time
