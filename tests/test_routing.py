@@ -1,4 +1,4 @@
-"""Route table rules (CONSUL.md §3): exact first, longest wildcard suffix, everything else refused."""
+"""Route table rules (CONSUL.md §3): exact first, longest wildcard suffix, the rest refused."""
 
 from __future__ import annotations
 
@@ -38,15 +38,16 @@ def table(expose: bool = True, trust_domain: str | None = TD) -> RouteTable:
     return RouteTable.build(merge([part], expose_servers=expose))
 
 
+DC2 = ["10.2.0.1:8443", "10.2.0.2:8443"]
 ROUTES = [
     ("s1.server.dc1.consul", RouteKind.LOCAL_SERVER, ["10.0.0.1:8300"]),
     ("server.dc1.consul", RouteKind.ANY_LOCAL_SERVER, ["10.0.0.1:8300", "10.0.0.2:8300"]),
-    ("server.dc2.consul", RouteKind.REMOTE_SERVER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
-    ("s9.server.dc2.consul", RouteKind.REMOTE_SERVER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
+    ("server.dc2.consul", RouteKind.REMOTE_SERVER, DC2),
+    ("s9.server.dc2.consul", RouteKind.REMOTE_SERVER, DC2),
     ("a.b.server.dc3.consul", RouteKind.REMOTE_SERVER, ["10.3.0.1:8443"]),
-    (f"web.default.dc2.internal.{TD}", RouteKind.REMOTE_DATACENTER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
+    (f"web.default.dc2.internal.{TD}", RouteKind.REMOTE_DATACENTER, DC2),
     (f"v1.web.default.dc3.internal.{TD}", RouteKind.REMOTE_DATACENTER, ["10.3.0.1:8443"]),
-    (f"dc2.internal.{TD}", RouteKind.REMOTE_DATACENTER, ["10.2.0.1:8443", "10.2.0.2:8443"]),
+    (f"dc2.internal.{TD}", RouteKind.REMOTE_DATACENTER, DC2),
     (f"web.default.ap1.dc2.internal-v1.{TD}", RouteKind.REMOTE_DATACENTER, ["10.2.1.1:8443"]),
     (f"web.default.dc1.internal.{TD}", RouteKind.LOCAL_SERVICE, ["10.0.1.1:20000"]),
 ]  # fmt: skip
