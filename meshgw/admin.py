@@ -6,7 +6,7 @@ given, so it knows nothing of how the gateway is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,8 @@ class AdminViews:
     topology: Callable[[], dict[str, Any]]
     # (ready, reason): ready once the listener is up and a first usable topology exists.
     ready: Callable[[], tuple[bool, str]]
-    # Prometheus exposition text (of every worker, once there are several).
-    metrics: Callable[[], bytes]
+    # Prometheus exposition text, of every worker when there are several.
+    metrics: Callable[[], Awaitable[bytes]]
 
 
 class AdminServer:
@@ -34,7 +34,7 @@ class AdminServer:
         views = self.views
 
         async def metrics(_: web.Request) -> web.Response:
-            body = views.metrics()
+            body = await views.metrics()
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def healthz(_: web.Request) -> web.Response:

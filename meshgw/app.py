@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 
 from meshgw.admin import AdminServer, AdminViews
 from meshgw.dataplane.listener import DataPlaneConfig, Listener
+from meshgw.dataplane.workers import WorkerPool, merge_metrics
 from meshgw.metrics import Metrics
 from meshgw.routing import RouteKind, RouteTable
 from meshgw.settings import Settings, SettingsError
@@ -71,7 +72,7 @@ class Gateway:
         self.topology: Topology = self._merge()
         self.table = RouteTable.build(self.topology)
         self.metrics = Metrics()
-        self.listener: Listener | None = None
+        self.listener: Listener | WorkerPool | None = None
         self.admin: AdminServer | None = None
         self.stopping = asyncio.Event()
 
@@ -113,27 +114,16 @@ class Gateway:
     async def start(self) -> None:
         settings = self.settings
         raise_fd_limit(settings.max_connections)
-        loop = asyncio.get_running_loop()
-        listener = Listener(
-            loop,
-            dataplane_config(settings),
-            self.table,
-            settings.listen.host,
-            settings.listen.port,
-            metrics=self.metrics,
-            reuse_port=settings.workers > 1,
-        )
         try:
-            listener.start()
+            self.listener = await self._start_dataplane()
         except OSError as error:
             raise SettingsError(f"--listen {settings.listen}: {error.strerror}") from None
-        self.listener = listener
-        self._install(self.topology)
+        listener = self.listener
         admin = AdminServer(self.admin_views(), settings.admin.host, settings.admin.port)
         try:
             await admin.start()
         except OSError as error:
-            listener.close()
+            await listener.drain(0)
             raise SettingsError(f"--admin {settings.admin}: {error.strerror}") from None
         self.admin = admin
         log.info(
@@ -142,12 +132,37 @@ class Gateway:
                 "fields": {
                     "listen": f"{listener.host}:{listener.port}",
                     "admin": f"{admin.host}:{admin.port}",
-                    "dc": self.topology.datacenter,
+                    "dc": self.topology.datacenter if self.topology else None,
                     "pump": listener.pump_mode,
+                    "workers": settings.workers,
                     "expose_servers": settings.expose_servers,
                 }
             },
         )
+
+    async def _start_dataplane(self) -> Listener | WorkerPool:
+        settings = self.settings
+        config = dataplane_config(settings)
+        host, port = settings.listen.host, settings.listen.port
+        if settings.workers > 1:
+            pool = WorkerPool(
+                config,
+                self.table,
+                host,
+                port,
+                settings.workers,
+                log_settings=(settings.log_format, settings.log_level),
+            )
+            try:
+                await pool.start()
+            except OSError:
+                await pool.drain(0)
+                raise
+            return pool
+        loop = asyncio.get_running_loop()
+        listener = Listener(loop, config, self.table, host, port, metrics=self.metrics)
+        listener.start()
+        return listener
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT, then drain. Returns the exit status."""
@@ -169,7 +184,7 @@ class Gateway:
         if listener is not None:
             listener.stop_accepting()
             self.metrics.draining.set(1)
-            open_now = len(listener.connections)
+            open_now = listener.open_connections()
             timeout = self.settings.drain_timeout
             log.info(
                 "draining",
@@ -201,13 +216,18 @@ class Gateway:
     # --- views for the admin face -------------------------------------------------------------
 
     def admin_views(self) -> AdminViews:
-        registry = self.metrics.registry
         return AdminViews(
             routes=self.table_json,
             topology=self.topology_json,
             ready=self.ready,
-            metrics=lambda: generate_latest(registry),
+            metrics=self.metrics_text,
         )
+
+    async def metrics_text(self) -> bytes:
+        own = generate_latest(self.metrics.registry)
+        if isinstance(self.listener, WorkerPool):
+            return merge_metrics([own, *await self.listener.metrics()])
+        return own
 
     def table_json(self) -> dict[str, Any]:
         return self.table.to_json()
@@ -235,7 +255,7 @@ class Gateway:
         }
 
     def ready(self) -> tuple[bool, str]:
-        if self.listener is None or self.listener.sock is None:
+        if self.listener is None or not self.listener.listening:
             return False, "not listening"
         if not (self.table.exact or self.table.wildcard):
             return False, "no routes yet"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 DEFAULT_PARTITION = "default"
 DEFAULT_NAMESPACE = "default"
@@ -57,7 +56,8 @@ class ServiceKey:
 
 
 def _frozen(mapping: Mapping | None = None) -> Mapping:
-    return MappingProxyType(dict(mapping or {}))
+    # A private copy typed read-only. Not a MappingProxyType: topologies are pickled to workers.
+    return dict(mapping or {})
 
 
 @dataclass(frozen=True, slots=True)

@@ -432,6 +432,13 @@ class Listener:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
+    @property
+    def listening(self) -> bool:
+        return self.sock is not None
+
+    def open_connections(self) -> int | None:
+        return len(self.connections)
+
     def set_table(self, table: RouteTable) -> None:
         """New connections use the new table; connections in flight keep their upstream."""
         self.table = table

@@ -1,0 +1,60 @@
+"""--workers N: several processes on one port, one route table, merged metrics, one drain."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import urllib.request
+
+from meshgw.dataplane.workers import merge_metrics
+from tests.conftest import WAIT, connect, recv_all
+from tests.hellos import python_hello
+
+
+def test_merge_metrics_sums_samples_and_labels_process_families() -> None:
+    a = (
+        b"# HELP meshgw_bytes Bytes.\n# TYPE meshgw_bytes counter\n"
+        b'meshgw_bytes_total{direction="up"} 10.0\n'
+        b"# HELP process_open_fds fds\n# TYPE process_open_fds gauge\nprocess_open_fds 7.0\n"
+    )
+    b = (
+        b"# HELP meshgw_bytes Bytes.\n# TYPE meshgw_bytes counter\n"
+        b'meshgw_bytes_total{direction="up"} 5.0\nmeshgw_bytes_total{direction="down"} 1.0\n'
+        b"# HELP process_open_fds fds\n# TYPE process_open_fds gauge\nprocess_open_fds 9.0\n"
+    )
+    merged = merge_metrics([a, b]).decode()
+    assert 'meshgw_bytes_total{direction="up"} 15.0' in merged
+    assert 'meshgw_bytes_total{direction="down"} 1.0' in merged
+    assert 'process_open_fds{worker="0"} 7.0' in merged
+    assert 'process_open_fds{worker="1"} 9.0' in merged
+
+
+def test_two_workers_share_the_port_and_the_routes(gateway_process, backend_factory) -> None:
+    def reply(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(65536)[:5])
+
+    server = backend_factory(reply)
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
+        "--expose-servers", "--server", f"n={server.address}", "--no-access-log",
+    ).wait_listening()  # fmt: skip
+    hello = python_hello("n.server.dc1.consul")
+    for _ in range(40):
+        with connect(gw.port) as client:
+            client.sendall(hello)
+            assert recv_all(client) == hello[:5]
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=WAIT) as r:
+        text = r.read().decode()
+    assert (
+        'meshgw_connections_total{datacenter="dc1",outcome="closed",route_kind="local_server"} 40.0'
+        in text
+    )
+    # The supervisor (worker="0") and both workers report their own process metrics.
+    assert 'process_open_fds{worker="1"}' in text and 'process_open_fds{worker="2"}' in text
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit(WAIT * 2) == 0
+    refused = socket.socket()
+    try:
+        assert refused.connect_ex(("127.0.0.1", gw.port)) != 0
+    finally:
+        refused.close()
