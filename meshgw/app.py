@@ -7,6 +7,7 @@ gateway's state. Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads settin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import signal
@@ -17,6 +18,10 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from meshgw.admin import AdminServer, AdminViews
+from meshgw.control.bootstrap import PrimaryGateways
+from meshgw.control.consul import ConsulClient, ConsulConfig, ConsulConfigError
+from meshgw.control.discovery import Discovery
+from meshgw.control.registrar import GatewayRegistration, Registrar
 from meshgw.dataplane.listener import DataPlaneConfig, Listener
 from meshgw.dataplane.workers import WorkerPool, merge_metrics
 from meshgw.metrics import Metrics
@@ -61,37 +66,150 @@ def raise_fd_limit(max_connections: int) -> int:
     return soft
 
 
+class ControlPlane:
+    """Consul discovery, the registrar and the primary_gateways bootstrap, as settings ask.
+
+    Consul is used with --consul or --register (address and token also from CONSUL_* variables).
+    Each source publishes TopologyParts to the gateway; none of them touches the data plane.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        publish: Callable[[TopologyPart], None],
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.publish = publish
+        self.metrics = metrics
+        self.client: ConsulClient | None = None
+        self.discovery: Discovery | None = None
+        self.registrar: Registrar | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        if settings.consul is not None or settings.register:
+            try:
+                config = ConsulConfig.from_env(
+                    address=settings.consul, token_file=settings.token_file
+                )
+            except ConsulConfigError as error:
+                raise SettingsError(str(error)) from None
+            self.config: ConsulConfig | None = config
+        else:
+            self.config = None
+
+    async def start(self, listen_port: int) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        if settings.primary_gateways and settings.primary_dc:
+            bootstrap = PrimaryGateways(
+                settings.primary_dc,
+                [(a.host, a.port) for a in settings.primary_gateways],
+                settings.primary_gateways_interval,
+                self.publish,
+            )
+            await bootstrap.refresh()  # static addresses route at once
+            self.tasks.append(loop.create_task(bootstrap.run()))
+        if self.config is None:
+            return
+        self.client = client = ConsulClient(self.config)
+
+        def health(source: str, ok: bool) -> None:
+            self.metrics.consul_up.labels(source).set(1 if ok else 0)
+
+        self.discovery = Discovery(
+            client,
+            self.publish,
+            datacenter=settings.dc,
+            expose_servers=settings.expose_servers,
+            gateway_service=settings.service_name,
+            on_health=health,
+        )
+        self.tasks.append(loop.create_task(self.discovery.run()))
+        if settings.register:
+            address = settings.address
+            self.registrar = Registrar(
+                client,
+                GatewayRegistration(
+                    name=settings.service_name,
+                    service_id=settings.proxy_id,
+                    # Without --address, Consul's CLI registers "" and its default port; the
+                    # port this gateway really listens on is the one to advertise.
+                    address=(address.host, address.port) if address else ("", listen_port),
+                    wan_address=(
+                        (settings.wan_address.host, settings.wan_address.port)
+                        if settings.wan_address
+                        else None
+                    ),
+                    expose_servers=settings.expose_servers,
+                    deregister_after_critical=settings.deregister_after_critical,
+                ),
+                on_state=lambda ok: health("registration", ok),
+            )
+            self.tasks.append(loop.create_task(self.registrar.run()))
+
+    def watch_status(self) -> dict[str, Any]:
+        if self.discovery is None:
+            return {}
+        return {
+            "address": self.discovery.client.config.address,
+            "indexes": dict(self.discovery.indexes),
+        }
+
+    async def deregister(self) -> None:
+        if self.registrar is not None:
+            for task in self.tasks:
+                task.cancel()  # the registrar must not register again while we leave
+            await self.registrar.deregister()
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+        if self.client is not None:
+            await self.client.close()
+
+
 class Gateway:
     """One running gateway: its topology sources, route table, listener and admin face."""
 
     def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self._reload = reload
-        self.parts: dict[Source, TopologyPart] = {Source.STATIC: settings.static_topology()}
-        self.part_times: dict[Source, float] = {Source.STATIC: time.time()}
-        self.topology: Topology = self._merge()
-        self.table = RouteTable.build(self.topology)
+        self.parts: dict[Source, TopologyPart] = {}
+        self.part_times: dict[Source, float] = {}
         self.metrics = Metrics()
+        # Until the local datacenter is known (from --dc or the Consul agent) nothing routes.
+        self.topology: Topology | None = None
+        self.table = RouteTable.empty()
         self.listener: Listener | WorkerPool | None = None
         self.admin: AdminServer | None = None
+        self.control = ControlPlane(settings, self.update_part, self.metrics)
         self.stopping = asyncio.Event()
+        self.update_part(settings.static_topology())
 
     # --- topology -----------------------------------------------------------------------------
-
-    def _merge(self) -> Topology:
-        order = [Source.CONSUL, Source.PRIMARY_GATEWAYS, Source.STATIC]  # later wins
-        return merge(
-            [self.parts[s] for s in order if s in self.parts],
-            datacenter=self.settings.dc,
-            domain=self.settings.domain,
-            expose_servers=self.settings.expose_servers,
-        )
 
     def update_part(self, part: TopologyPart) -> None:
         """A source learned something: merge, rebuild the table and swap it atomically."""
         self.parts[part.source] = part
         self.part_times[part.source] = time.time()
-        self._install(self._merge())
+        # Later wins: discovered gateways replace the primary_gateways bootstrap once they
+        # exist, and what the operator wrote in the settings wins over both.
+        order = [Source.PRIMARY_GATEWAYS, Source.CONSUL, Source.STATIC]
+        try:
+            topology = merge(
+                [self.parts[s] for s in order if s in self.parts],
+                datacenter=self.settings.dc,
+                domain=self.settings.domain,
+                expose_servers=self.settings.expose_servers,
+            )
+        except ValueError:
+            return  # the local datacenter is not known yet
+        if topology != self.topology:
+            self._install(topology)
 
     def _install(self, topology: Topology) -> None:
         self.topology = topology
@@ -126,6 +244,8 @@ class Gateway:
             await listener.drain(0)
             raise SettingsError(f"--admin {settings.admin}: {error.strerror}") from None
         self.admin = admin
+        # Registration waits for the listener: Consul's TCP check must find it up.
+        await self.control.start(listener.port)
         log.info(
             "meshgw listening",
             extra={
@@ -180,6 +300,8 @@ class Gateway:
         await self.shutdown()
 
     async def shutdown(self) -> None:
+        # Deregister first, so that Consul stops sending traffic before the drain begins.
+        await self.control.deregister()
         listener = self.listener
         if listener is not None:
             listener.stop_accepting()
@@ -192,6 +314,7 @@ class Gateway:
             )
             closed = await listener.drain(timeout)
             log.info("drained", extra={"fields": {"closed_at_deadline": closed}})
+        await self.control.stop()
         if self.admin is not None:
             await self.admin.stop()
 
@@ -209,8 +332,7 @@ class Gateway:
         if changed:
             log.warning("reload: %s take effect only after a restart", ", ".join(changed))
         self.settings = new
-        self.parts[Source.STATIC] = new.static_topology()
-        self._install(self._merge())
+        self.update_part(new.static_topology())
         log.info("settings reloaded")
 
     # --- views for the admin face -------------------------------------------------------------
@@ -234,7 +356,15 @@ class Gateway:
 
     def topology_json(self) -> dict[str, Any]:
         now = time.time()
+        sources: dict[str, dict[str, Any]] = {
+            source.value: {"age_s": round(now - self.part_times[source], 3)}
+            for source in self.parts
+        }
+        if Source.CONSUL.value in sources:
+            sources[Source.CONSUL.value]["watches"] = self.control.watch_status()
         topo = self.topology
+        if topo is None:
+            return {"datacenter": None, "sources": sources}
         return {
             "datacenter": topo.datacenter,
             "domain": topo.domain,
@@ -248,15 +378,14 @@ class Gateway:
             "services": {
                 f"{k.namespace}/{k.name}": [str(e) for e in v] for k, v in topo.services.items()
             },
-            "sources": {
-                source.value: {"age_s": round(now - self.part_times[source], 3)}
-                for source in self.parts
-            },
+            "sources": sources,
         }
 
     def ready(self) -> tuple[bool, str]:
         if self.listener is None or not self.listener.listening:
             return False, "not listening"
+        if self.topology is None:
+            return False, "the local datacenter is not known yet (waiting for the Consul agent)"
         if not (self.table.exact or self.table.wildcard):
             return False, "no routes yet"
         return True, "ready"

@@ -100,6 +100,11 @@ class RouteTable:
     notes: tuple[str, ...] = ()
 
     @classmethod
+    def empty(cls) -> RouteTable:
+        """The table before the local datacenter is known: every name is refused."""
+        return cls(Topology(datacenter=""), {}, {}, ("the local datacenter is not known yet",))
+
+    @classmethod
     def build(cls, topology: Topology) -> RouteTable:
         exact: dict[str, Route] = {}
         wildcard: dict[str, Route] = {}

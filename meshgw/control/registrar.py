@@ -1,0 +1,147 @@
+"""Registers the gateway as `consul connect envoy -gateway=mesh -register` does.
+
+The body is the one that command sends: Kind mesh-gateway; Name and ID default "mesh-gateway";
+Address/Port from --address (without it, Address "" and the listening port); TaggedAddresses
+lan/wan only for the addresses given, as {Address, Port}; Meta consul-wan-federation=1 only with
+--expose-servers; one TCP check, "mesh-gateway listening", every 10s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshgw.control.consul import Backoff, ConsulClient, ConsulNotFound, ConsulRequestError
+
+log = logging.getLogger("meshgw.registrar")
+
+DEFAULT_GATEWAY_PORT = 8443
+WAN_FEDERATION_META = {"consul-wan-federation": "1"}
+
+
+@dataclass(frozen=True)
+class GatewayRegistration:
+    name: str = "mesh-gateway"
+    service_id: str | None = None
+    address: tuple[str, int] | None = None  # LAN: where local servers dial this gateway
+    wan_address: tuple[str, int] | None = None  # where other datacenters dial it
+    expose_servers: bool = False
+    deregister_after_critical: str = "6h"
+
+    @property
+    def id(self) -> str:
+        return self.service_id or self.name
+
+    def body(self) -> dict[str, Any]:
+        host, port = self.address or ("", DEFAULT_GATEWAY_PORT)
+        body: dict[str, Any] = {
+            "Kind": "mesh-gateway",
+            "ID": self.id,
+            "Name": self.name,
+            "Address": host,
+            "Port": port,
+        }
+        tagged: dict[str, dict[str, Any]] = {}
+        if host:
+            tagged["lan"] = {"Address": host, "Port": port}
+        if self.wan_address is not None and self.wan_address[0]:
+            tagged["wan"] = {"Address": self.wan_address[0], "Port": self.wan_address[1]}
+        if tagged:
+            body["TaggedAddresses"] = tagged
+        if self.expose_servers:
+            body["Meta"] = dict(WAN_FEDERATION_META)
+        # Without an address the agent must share the gateway's network namespace (Consul's
+        # own comment): the check dials loopback.
+        check_host = host or "127.0.0.1"
+        check_target = f"[{check_host}]:{port}" if ":" in check_host else f"{check_host}:{port}"
+        body["Check"] = {
+            "Name": "mesh-gateway listening",
+            "TCP": check_target,
+            "Interval": "10s",
+            "DeregisterCriticalServiceAfter": self.deregister_after_critical,
+        }
+        return body
+
+
+class Registrar:
+    """Registers this gateway with the local agent, keeps it registered, deregisters on exit.
+
+    The agent forgets services when it restarts with a fresh data directory; a periodic look at
+    `/v1/agent/service/<id>` notices that and registers again.
+    """
+
+    def __init__(
+        self,
+        client: ConsulClient,
+        registration: GatewayRegistration,
+        *,
+        check_interval: float = 10.0,
+        backoff: Backoff = Backoff(),
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.registration = registration
+        self.check_interval = check_interval
+        self.backoff = backoff
+        self.on_state = on_state
+        self.registered = False
+        self._failures = 0
+
+    async def register(self) -> None:
+        await self.client.put("/v1/agent/service/register", self.registration.body())
+        if not self.registered:
+            log.info(
+                "registered in Consul",
+                extra={"fields": {"service": self.registration.name, "id": self.registration.id}},
+            )
+        self.registered = True
+
+    async def still_registered(self) -> bool:
+        try:
+            await self.client.get(f"/v1/agent/service/{self.registration.id}")
+        except ConsulNotFound:
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Register until it works, then check every interval; never raises on Consul errors."""
+        while True:
+            try:
+                if not self.registered or not await self.still_registered():
+                    if self.registered:
+                        log.warning("the agent lost this gateway's registration: registering again")
+                        self.registered = False
+                    await self.register()
+                if self._failures:
+                    log.info("Consul answers the registrar again")
+                    self._failures = 0
+                if self.on_state is not None:
+                    self.on_state(True)
+                await asyncio.sleep(self.check_interval)
+            except ConsulRequestError as error:
+                self._failures += 1
+                if self._failures == 1:  # once per change of state, not once per retry
+                    log.error("cannot register this gateway: %s", error)
+                if self.on_state is not None:
+                    self.on_state(False)
+                await asyncio.sleep(self.backoff.delay(self._failures))
+
+    async def deregister(self, timeout: float = 5.0) -> None:
+        """Remove the registration so Consul stops sending traffic here. Bounded in time."""
+        if not self.registered:
+            return
+        path = f"/v1/agent/service/deregister/{self.registration.id}"
+        try:
+            await asyncio.wait_for(self.client.put(path), timeout)
+        except ConsulNotFound:
+            pass  # newer agents answer 404 for an unknown ID: gone is what we wanted
+        except (ConsulRequestError, TimeoutError) as error:
+            log.error(
+                "deregistration failed (Consul removes the gateway once its check fails): %s", error
+            )
+            return
+        self.registered = False
+        log.info("deregistered from Consul", extra={"fields": {"id": self.registration.id}})
