@@ -1,0 +1,336 @@
+"""The control plane against the Consul API double: registration, discovery, failures, bootstrap."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import WAIT, closed_by_peer, connect, recv_all
+from tests.consul_double import AclToken, ConsulDoubleThread
+from tests.hellos import python_hello
+
+TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
+TOKEN = "3f1c9b6e-0d2a-4c57-9e43-8b2f6d1a7c55"
+
+
+@pytest.fixture
+def consul() -> Iterator[Callable[..., ConsulDoubleThread]]:
+    made: list[ConsulDoubleThread] = []
+
+    def make(**options: Any) -> ConsulDoubleThread:
+        options.setdefault("servers", 0)
+        options.setdefault("trust_domain", TD)
+        double = ConsulDoubleThread(**options)
+        double.start()
+        made.append(double)
+        return double
+
+    yield make
+    for double in made:
+        double.stop()
+
+
+def eventually(check: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """Poll a condition that has no event to await (state seen through HTTP)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def admin_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WAIT) as response:
+        return json.loads(response.read())
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=WAIT) as r:
+            return r.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+def route_targets(port: int, match: str) -> list[str]:
+    for route in admin_json(port, "/v1/routes")["routes"]:
+        if route["match"] == match:
+            return [e["address"] for e in route["endpoints"]]
+    return []
+
+
+def marker_backend(backend_factory, name: bytes):
+    """A backend that answers every connection with its name."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(name)
+
+    return backend_factory(handle)
+
+
+def ask(port: int, sni: str) -> bytes:
+    with connect(port) as client:
+        client.sendall(python_hello(sni))
+        return recv_all(client)
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def test_registration_body_is_consuls_own(consul, gateway_factory) -> None:
+    double = consul()
+    gw = gateway_factory(
+        consul=double.url,
+        register=True,
+        expose_servers=True,
+        address="10.0.0.5:8443",
+        wan_address="203.0.113.5:443",
+    )
+    double.wait_for_request("/v1/agent/service/register")
+    body = double.find_requests("/v1/agent/service/register")[0].json
+    assert body == {
+        "Kind": "mesh-gateway",
+        "ID": "mesh-gateway",
+        "Name": "mesh-gateway",
+        "Address": "10.0.0.5",
+        "Port": 8443,
+        "TaggedAddresses": {
+            "lan": {"Address": "10.0.0.5", "Port": 8443},
+            "wan": {"Address": "203.0.113.5", "Port": 443},
+        },
+        "Meta": {"consul-wan-federation": "1"},
+        "Check": {
+            "Name": "mesh-gateway listening",
+            "TCP": "10.0.0.5:8443",
+            "Interval": "10s",
+            "DeregisterCriticalServiceAfter": "6h",
+        },
+    }
+    assert double.agent_service("mesh-gateway") is not None
+    assert gw.gateway is not None
+
+
+def test_registration_without_addresses_or_wan_federation(consul, gateway_factory) -> None:
+    double = consul()
+    gw = gateway_factory(consul=double.url, register=True, service_name="gw-east", proxy_id="gw-1")
+    double.wait_for_request("/v1/agent/service/register")
+    body = double.find_requests("/v1/agent/service/register")[0].json
+    assert body["Name"] == "gw-east" and body["ID"] == "gw-1"
+    assert body["Address"] == "" and body["Port"] == gw.port
+    assert "TaggedAddresses" not in body and "Meta" not in body
+    assert body["Check"]["TCP"] == f"127.0.0.1:{gw.port}"
+
+
+def test_agent_losing_the_registration_gets_it_back(consul, gateway_factory) -> None:
+    double = consul()
+    gw = gateway_factory(consul=double.url, register=True, expose_servers=True)
+    double.wait_for_request("/v1/agent/service/register")
+    gw.call(lambda: setattr(gw.gateway.control.registrar, "check_interval", 0.1))
+    # An agent restarted with a fresh data dir has forgotten every service.
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            f"{double.url}/v1/agent/service/deregister/mesh-gateway", method="PUT"
+        ),
+        timeout=WAIT,
+    ):
+        pass
+    double.wait_for_request("/v1/agent/service/register", count=2)
+    assert double.agent_service("mesh-gateway") is not None
+
+
+def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
+    double = consul()
+    gw = gateway_process(
+        "--dc", "dc1", "--consul", double.url, "--register", "--expose-servers",
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-timeout", "5",
+    ).wait_listening()  # fmt: skip
+    double.wait_for_request("/v1/agent/service/register")
+    held = connect(gw.port)  # a connection still in its hello phase keeps the drain open
+    try:
+        gw.signal(signal.SIGTERM)
+        gw.wait_for("deregistered from Consul")
+        assert double.agent_service("mesh-gateway") is None
+        gw.wait_for("draining")
+        lines = "".join(gw.lines)
+        assert lines.index("deregistered from Consul") < lines.index("draining")
+    finally:
+        held.close()
+    assert gw.wait_exit(WAIT) == 0
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+
+def test_routes_from_discovered_servers_and_federation_states(
+    consul, gateway_factory, backend_factory
+) -> None:
+    server = marker_backend(backend_factory, b"server-0")
+    remote = marker_backend(backend_factory, b"dc2-gateway")
+    double = consul()
+    double.set_datacenters(["dc1", "dc2"])
+    double.add_server("consul-server-0", "127.0.0.1", port=server.port)
+    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    gw = gateway_factory(dc=None, consul=double.url, expose_servers=True)
+    eventually(lambda: route_targets(gw.admin_port, "*.server.dc2.consul"))
+    assert ready(gw.admin_port)
+    assert ask(gw.port, "consul-server-0.server.dc1.consul") == b"server-0"
+    assert ask(gw.port, "server.dc1.consul") == b"server-0"
+    assert ask(gw.port, "consul-server-0.server.dc2.consul") == b"dc2-gateway"
+    # The trust domain came from the CA roots: mesh names of dc2 route too.
+    assert ask(gw.port, f"web.default.dc2.internal.{TD}") == b"dc2-gateway"
+    topology = admin_json(gw.admin_port, "/v1/topology")
+    assert topology["datacenter"] == "dc1" and topology["trust_domain"] == TD
+    assert (
+        "/v1/internal/federation-states/mesh-gateways"
+        in topology["sources"]["consul"]["watches"]["indexes"]
+    )
+
+
+def test_remote_gateway_moving_is_followed(consul, gateway_factory, backend_factory) -> None:
+    old = marker_backend(backend_factory, b"old")
+    new = marker_backend(backend_factory, b"new")
+    double = consul()
+    double.set_datacenters(["dc1", "dc2"])
+    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", old.port))
+    gw = gateway_factory(consul=double.url, expose_servers=True)
+    eventually(lambda: route_targets(gw.admin_port, "server.dc2.consul"))
+    assert ask(gw.port, "server.dc2.consul") == b"old"
+    double.update_gateway("dc2", "gw-node", wan=("127.0.0.1", new.port))
+    started = time.monotonic()
+    eventually(
+        lambda: route_targets(gw.admin_port, "server.dc2.consul") == [f"127.0.0.1:{new.port}"]
+    )
+    assert time.monotonic() - started < 5
+    assert ask(gw.port, "server.dc2.consul") == b"new"
+
+
+def test_critical_gateways_are_tried_last(consul, gateway_factory, backend_factory) -> None:
+    good = marker_backend(backend_factory, b"good")
+    sick = marker_backend(backend_factory, b"sick")
+    double = consul()
+    double.set_datacenters(["dc1", "dc2"])
+    double.add_gateway("dc2", "a", "10.2.0.1", wan=("127.0.0.1", sick.port), status="critical")
+    double.add_gateway("dc2", "b", "10.2.0.2", wan=("127.0.0.1", good.port))
+    gw = gateway_factory(consul=double.url, expose_servers=True)
+    eventually(lambda: len(route_targets(gw.admin_port, "server.dc2.consul")) == 2)
+    assert {ask(gw.port, "server.dc2.consul") for _ in range(4)} == {b"good"}
+
+
+def test_consul_unreachable_at_start_then_arriving(
+    consul, gateway_factory, backend_factory
+) -> None:
+    remote = marker_backend(backend_factory, b"dc2-gateway")
+    double = consul()
+    double.set_datacenters(["dc1", "dc2"])
+    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    double.down()
+    gw = gateway_factory(dc=None, consul=double.url, expose_servers=True)
+    assert not ready(gw.admin_port)  # the datacenter itself comes from the agent
+    with connect(gw.port) as client:
+        client.sendall(python_hello("server.dc2.consul"))
+        assert closed_by_peer(client)
+    double.up()
+    eventually(lambda: ready(gw.admin_port), timeout=40)  # backoff caps at 30 s
+    assert ask(gw.port, "server.dc2.consul") == b"dc2-gateway"
+
+
+def test_garbage_and_5xx_keep_the_last_good_topology(
+    consul, gateway_factory, backend_factory
+) -> None:
+    remote = marker_backend(backend_factory, b"dc2-gateway")
+    double = consul()
+    double.set_datacenters(["dc1", "dc2"])
+    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    gw = gateway_factory(consul=double.url, expose_servers=True)
+    eventually(lambda: route_targets(gw.admin_port, "server.dc2.consul"))
+    double.garbage("/v1/internal/federation-states")
+    double.fail("/v1/health/service", status=500, body="rpc error: No cluster leader")
+    # Cut the blocking queries in flight so that every watch asks again and meets the faults.
+    double.down()
+    double.up()
+    double.add_gateway("dc2", "other", "10.2.0.9", wan=("127.0.0.1", 9))
+    seen = len(double.find_requests("/v1/internal/federation-states/mesh-gateways"))
+    double.wait_for_request("/v1/internal/federation-states/mesh-gateways", count=seen + 1)
+    double.wait_for_request("/v1/health/service/mesh-gateway", count=2)
+    assert route_targets(gw.admin_port, "server.dc2.consul") == [f"127.0.0.1:{remote.port}"]
+    assert ask(gw.port, "server.dc2.consul") == b"dc2-gateway"
+
+
+def test_forbidden_names_the_permission_and_hides_the_token(consul, gateway_process) -> None:
+    double = consul(acl_tokens=[AclToken(TOKEN, ("service:read", "node:read", "operator:read"))])
+    gw = gateway_process(
+        "--dc", "dc1", "--consul", double.url, "--register", "--expose-servers",
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        env={"CONSUL_HTTP_TOKEN": TOKEN},
+    ).wait_listening()  # fmt: skip
+    line = gw.wait_for("cannot register this gateway.*").group(0)
+    assert "service:write" in line
+    assert any(r.token == TOKEN for r in double.find_requests("/v1/agent/service/register"))
+    metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=WAIT
+    ).read()
+    topology = urllib.request.urlopen(
+        f"http://127.0.0.1:{gw.admin_port}/v1/topology", timeout=WAIT
+    ).read()
+    assert b'meshgw_consul_up{source="registration"} 0.0' in metrics
+    gw.signal(signal.SIGTERM)
+    gw.wait_exit(WAIT)
+    output = "".join(gw.lines).encode() + metrics + topology
+    assert TOKEN.encode() not in output
+
+
+# --- bootstrap ---------------------------------------------------------------------------------
+
+
+def test_primary_gateways_route_until_federation_states_know_better(
+    consul, gateway_factory, backend_factory
+) -> None:
+    bootstrap = marker_backend(backend_factory, b"bootstrap")
+    discovered = marker_backend(backend_factory, b"discovered")
+    double = consul(datacenter="dc2", primary_datacenter="dc1")
+    double.set_datacenters(["dc1", "dc2"])
+    gw = gateway_factory(
+        dc="dc2",
+        consul=double.url,
+        expose_servers=True,
+        primary_dc="dc1",
+        primary_gateways=[f"localhost:{bootstrap.port}"],
+    )
+    eventually(lambda: route_targets(gw.admin_port, "server.dc1.consul"))
+    assert ask(gw.port, "server.dc1.consul") == b"bootstrap"
+    double.add_gateway("dc1", "gw-node", "10.1.0.1", wan=("127.0.0.1", discovered.port))
+    eventually(
+        lambda: (
+            route_targets(gw.admin_port, "server.dc1.consul") == [f"127.0.0.1:{discovered.port}"]
+        )
+    )
+    assert ask(gw.port, "server.dc1.consul") == b"discovered"
+    double.remove_gateway("dc1", "gw-node")
+    eventually(
+        lambda: (
+            route_targets(gw.admin_port, "server.dc1.consul") != [f"127.0.0.1:{discovered.port}"]
+        )
+    )
+    assert ask(gw.port, "server.dc1.consul") == b"bootstrap"
+
+
+def test_primary_gateways_without_consul(gateway_factory, backend_factory) -> None:
+    bootstrap = marker_backend(backend_factory, b"bootstrap")
+    gw = gateway_factory(
+        dc="dc2",
+        expose_servers=True,
+        primary_dc="dc1",
+        primary_gateways=[f"127.0.0.1:{bootstrap.port}"],
+    )
+    assert ask(gw.port, "node-1.server.dc1.consul") == b"bootstrap"
