@@ -143,11 +143,11 @@ class GatewayProcess:
             [sys.executable, "-m", "meshgw", "run", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            text=True,
             env=full_env,
             cwd=REPO,
         )
         self.lines: list[str] = []
+        self._partial = b""
         self.port = 0
         self.admin_port = 0
 
@@ -163,19 +163,25 @@ class GatewayProcess:
             if found:
                 return found
         assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stderr, selectors.EVENT_READ)
+            # Raw reads, not readline(): a buffered reader would hide complete lines from select.
+            sel.register(fd, selectors.EVENT_READ)
             while time.monotonic() < deadline:
                 if not sel.select(deadline - time.monotonic()):
                     break
-                line = self.proc.stderr.readline()
-                if not line:
+                chunk = os.read(fd, 65536)
+                if not chunk:
                     break
-                self.lines.append(line)
-                found = regex.search(line)
-                if found:
-                    return found
+                self._partial += chunk
+                *complete, self._partial = self._partial.split(b"\n")
+                for raw in complete:
+                    line = raw.decode(errors="replace") + "\n"
+                    self.lines.append(line)
+                    found = regex.search(line)
+                    if found:
+                        return found
         raise AssertionError(f"{regex.pattern!r} not seen; stderr so far:\n{''.join(self.lines)}")
 
     def signal(self, signum: int) -> None:
@@ -184,7 +190,9 @@ class GatewayProcess:
     def wait_exit(self, timeout: float = WAIT) -> int:
         code = self.proc.wait(timeout)
         assert self.proc.stderr is not None
-        self.lines.extend(self.proc.stderr.readlines())
+        rest = self._partial + self.proc.stderr.read()
+        self._partial = b""
+        self.lines.extend(line.decode(errors="replace") + "\n" for line in rest.splitlines())
         return code
 
     def stop(self) -> None:

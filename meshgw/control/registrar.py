@@ -9,6 +9,7 @@ lan/wan only for the addresses given, as {Address, Port}; Meta consul-wan-federa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,16 @@ class Registrar:
         self.on_state = on_state
         self.registered = False
         self._failures = 0
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Check the registration now rather than at the next interval."""
+        self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def register(self) -> None:
         await self.client.put("/v1/agent/service/register", self.registration.body())
@@ -120,14 +131,14 @@ class Registrar:
                     self._failures = 0
                 if self.on_state is not None:
                     self.on_state(True)
-                await asyncio.sleep(self.check_interval)
+                await self._pause(self.check_interval)
             except ConsulRequestError as error:
                 self._failures += 1
                 if self._failures == 1:  # once per change of state, not once per retry
                     log.error("cannot register this gateway: %s", error)
                 if self.on_state is not None:
                     self.on_state(False)
-                await asyncio.sleep(self.backoff.delay(self._failures))
+                await self._pause(self.backoff.delay(self._failures))
 
     async def deregister(self, timeout: float = 5.0) -> None:
         """Remove the registration so Consul stops sending traffic here. Bounded in time."""

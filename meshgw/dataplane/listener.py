@@ -1,13 +1,12 @@
-"""The listener and the life of one connection, on plain event-loop callbacks.
+"""The listener and the life of one connection, on plain callbacks.
 
 accept → read the ClientHello (deadline, size cap) → resolve the SNI → connect upstream (timeout,
 fail over to the next endpoint: nothing has been sent yet) → write the buffered hello bytes
 verbatim → two Flows move the rest → close and account.
 
-Why raw sockets with `add_reader`/`add_writer` and not asyncio transports: splice(2) needs the
-file descriptors, and a libuv transport cannot share its descriptor with another watcher. Each
-socket is registered with the loop once for reading; writers are added only while a destination
-is full. No task is created per connection.
+Why raw sockets and not asyncio transports: splice(2) needs the file descriptors, and a libuv
+transport cannot share its descriptor. Each socket is registered once with the edge-triggered
+Poller (poller.py) and never re-registered. No task is created per connection.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from meshgw.dataplane.poller import CLOSED, IN, OUT, Poller
 from meshgw.dataplane.pump import BUFFER_SIZE, Flow
 from meshgw.dataplane.splice import SPLICE_AVAILABLE, PipePool
 from meshgw.metrics import Metrics
@@ -70,14 +70,12 @@ class Connection:
         "client",
         "client_eof",
         "client_fd",
-        "client_paused",
         "down",
         "early_bytes",
         "hello",
         "idle_mark",
         "idle_since",
         "listener",
-        "loop",
         "peer",
         "phase",
         "reader",
@@ -92,18 +90,15 @@ class Connection:
     )
 
     def __init__(self, listener: Listener, client: socket.socket, peer: tuple) -> None:
-        loop = listener.loop
         self.listener = listener
-        self.loop = loop
         self.client = client
         self.client_fd = client.fileno()
         self.peer = peer
         self.phase = Phase.HELLO
-        self.reader = ClientHelloReader(listener.config.max_hello_bytes)
+        self.reader: ClientHelloReader | None = ClientHelloReader(listener.config.max_hello_bytes)
         # Every byte from the client until the upstream is connected; replayed verbatim.
         self.buffered = b""
         self.early_bytes = 0  # of those, how many were sent before the flows took over
-        self.client_paused = False
         self.client_eof = False
         self.hello: Hello | None = None
         self.route: Route | None = None
@@ -116,47 +111,72 @@ class Connection:
         self.idle_mark = 0
         self.idle_since = 0.0
         self.started = time.monotonic()
-        self.timer: asyncio.TimerHandle | None = loop.call_later(
+        self.timer: asyncio.TimerHandle | None = listener.loop.call_later(
             listener.config.hello_timeout, self._hello_timed_out
         )
-        loop.add_reader(self.client_fd, self._on_client_readable)
+        listener.poller.register(self.client_fd, self._on_client_event)
 
-    # --- client side until the upstream is open -----------------------------------------------
+    # --- events -------------------------------------------------------------------------------
 
-    def _on_client_readable(self) -> None:
-        if self.up is not None:
-            self.up.on_readable()
+    def _on_client_event(self, events: int) -> None:
+        up = self.up
+        if up is not None:  # the hot path: both flows are running
+            if events & OUT:
+                self.down.writable()  # type: ignore[union-attr]
+            if events & (IN | CLOSED) and self.phase is Phase.OPEN:
+                up.readable(bool(events & CLOSED))
             return
-        view = self.listener.view
-        try:
-            n = self.client.recv_into(view)
-        except BlockingIOError:
+        if events & (IN | CLOSED):
+            self._read_client()
+
+    def _on_upstream_event(self, events: int) -> None:
+        down = self.down
+        if down is not None:
+            if events & OUT:
+                self.up.writable()  # type: ignore[union-attr]
+            if events & (IN | CLOSED) and self.phase is Phase.OPEN:
+                down.readable(bool(events & CLOSED))
             return
-        except OSError:
-            self._reject("client_reset")
-            return
-        if n == 0:
-            if self.phase is Phase.HELLO:
-                self._reject("client_closed")
-            else:  # half-close after the hello: delivered once the upstream is open
-                self.client_eof = True
-                self.loop.remove_reader(self.client_fd)
-            return
-        chunk = view[:n]
-        self.buffered += chunk
         if self.phase is Phase.CONNECTING:
-            # Bytes after the hello (e.g. early data) wait for the upstream; bounded.
-            if len(self.buffered) > 2 * self.listener.config.max_hello_bytes:
-                self.loop.remove_reader(self.client_fd)
-                self.client_paused = True
-            return
-        result = self.reader.feed(chunk)
-        if result is None:
-            return
-        if isinstance(result, Rejection):
-            self._reject(result.reason.value, result.detail)
-            return
-        self._route(result)
+            self._upstream_ready()
+
+    # --- the client until the upstream is open ------------------------------------------------
+
+    def _read_client(self) -> None:
+        """Read what the client sent before any upstream exists: the hello, maybe more."""
+        view = self.listener.view
+        cap = self.listener.config.max_hello_bytes
+        while not self.client_eof and len(self.buffered) < 2 * cap:
+            try:
+                n = self.client.recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._reject("client_reset")
+                return
+            if n == 0:
+                if self.phase is Phase.HELLO:
+                    self._reject("client_closed")
+                    return
+                self.client_eof = True  # half-close after the hello: delivered once open
+                return
+            chunk = view[:n]
+            self.buffered += chunk
+            if self.phase is Phase.CONNECTING:
+                # Bytes after the hello (early data) wait for the upstream, within a bound;
+                # the rest stays in the socket until the flows read it.
+                if len(self.buffered) >= 2 * cap:
+                    return
+                continue
+            result = self.reader.feed(chunk)  # type: ignore[union-attr]
+            if result is None:
+                continue
+            if isinstance(result, Rejection):
+                self._reject(result.reason.value, result.detail)
+                return
+            self._route(result)
+            if self.phase is not Phase.CONNECTING or n < len(view):
+                return
 
     def _hello_timed_out(self) -> None:
         self.timer = None
@@ -167,6 +187,7 @@ class Connection:
             self.timer.cancel()
             self.timer = None
         self.hello = hello
+        self.reader = None  # the hello is done: free its buffer
         metrics = self.listener.metrics
         metrics.hello_bytes.observe(hello.length)
         metrics.hello_seconds.observe(time.monotonic() - self.started)
@@ -184,8 +205,6 @@ class Connection:
     # --- upstream connection, with failover ---------------------------------------------------
 
     def _connect_next(self) -> None:
-        route = self.route
-        assert route is not None
         while self.targets:
             target = self.targets.pop(0)
             if target.sockaddr is None:
@@ -210,10 +229,11 @@ class Connection:
             self.upstream = sock
             self.upstream_fd = sock.fileno()
             self.target = target
-            self.timer = self.loop.call_later(
+            self.timer = self.listener.loop.call_later(
                 self.listener.config.connect_timeout, self._connect_timed_out
             )
-            self.loop.add_writer(self.upstream_fd, self._on_upstream_writable)
+            # Writable (connected) or an error is reported as an edge on this registration.
+            self.listener.poller.register(self.upstream_fd, self._on_upstream_event)
             return
         self._reject("no_upstream")
 
@@ -221,7 +241,7 @@ class Connection:
         """Slow path for endpoints named by DNS: resolve, then try the addresses in order."""
         endpoint = target.endpoint
         try:
-            infos = await self.loop.getaddrinfo(
+            infos = await self.listener.loop.getaddrinfo(
                 endpoint.host, endpoint.port, type=socket.SOCK_STREAM
             )
         except OSError as error:
@@ -244,7 +264,7 @@ class Connection:
             self.timer.cancel()
             self.timer = None
         if self.upstream is not None:
-            self.loop.remove_writer(self.upstream_fd)
+            self.listener.poller.forget(self.upstream_fd)
             self.upstream.close()
             self.upstream = None
             self.upstream_fd = -1
@@ -260,16 +280,16 @@ class Connection:
         target = self.target.endpoint if self.target else None
         log.debug("upstream %s failed for %s: %s", target, self.hello and self.hello.sni, error)
 
-    def _on_upstream_writable(self) -> None:
+    def _upstream_ready(self) -> None:
         upstream = self.upstream
         assert upstream is not None
         try:
             # A failed connect shows up here as the send error (ECONNREFUSED...): no getsockopt.
             sent = upstream.send(self.buffered)
         except BlockingIOError:
-            return
+            return  # still connecting (a stale edge), or the hello fills the socket buffer
         except OSError as error:
-            if self.timer is None:  # already connected and partly written: no failover now
+            if self.early_bytes:  # part of the hello is upstream already: no failover now
                 self.abort(upstream, error)
             else:
                 self._drop_upstream(error)
@@ -283,33 +303,32 @@ class Connection:
             stats.connect_seconds.observe(time.monotonic() - self.started)
         self.early_bytes += sent
         self.buffered = self.buffered[sent:]
-        if self.buffered:
-            return
-        self._open()
+        if not self.buffered:
+            self._open()
 
     def _open(self) -> None:
         listener = self.listener
-        loop = self.loop
         upstream = self.upstream
         assert upstream is not None
-        self.phase = Phase.OPEN
-        self.reader = None  # type: ignore[assignment]  # the hello is done: free its buffer
         mode, pool, view = listener.pump_mode, listener.pipes, listener.view
-        self.up = Flow(loop, self, self.client, upstream, view, pool, mode)
-        self.down = Flow(loop, self, upstream, self.client, view, pool, mode)
-        self.up.bytes = self.early_bytes
-        loop.remove_writer(self.upstream_fd)
-        loop.add_reader(self.upstream_fd, self.down.on_readable)
+        up = self.up = Flow(self, self.client, upstream, view, pool, mode)
+        down = self.down = Flow(self, upstream, self.client, view, pool, mode)
+        up.bytes = self.early_bytes
+        self.phase = Phase.OPEN
+        self.idle_since = listener.loop.time()
         if self.client_eof:
-            self.up.at_eof()
-        elif self.client_paused:
-            loop.add_reader(self.client_fd, self._on_client_readable)
-        self.idle_since = loop.time()
+            up.at_eof()  # the half-close that came while connecting
+        # Both sockets may hold bytes whose edges were consumed before the flows existed.
+        if self.phase is Phase.OPEN:
+            down.readable(until_eof=True)
+        if self.phase is Phase.OPEN and not self.client_eof:
+            up.readable(until_eof=True)
 
     # --- flows' callbacks and the end ---------------------------------------------------------
 
     def flow_finished(self) -> None:
-        if self.up is not None and self.down is not None and self.up.done and self.down.done:
+        up, down = self.up, self.down
+        if up is not None and down is not None and up.done and down.done:
             self.close("closed")
 
     def abort(self, dead: socket.socket, error: OSError) -> None:
@@ -328,16 +347,15 @@ class Connection:
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
-        loop = self.loop
+        listener = self.listener
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        loop.remove_reader(self.client_fd)
-        loop.remove_writer(self.client_fd)
+        poller = listener.poller
+        poller.forget(self.client_fd)
         self.client.close()
         if self.upstream is not None:
-            loop.remove_reader(self.upstream_fd)
-            loop.remove_writer(self.upstream_fd)
+            poller.forget(self.upstream_fd)
             self.upstream.close()
         up, down = self.up, self.down
         if up is not None and down is not None:
@@ -345,15 +363,15 @@ class Connection:
             down.release()
         route = self.route
         if route is not None and not rejected:
-            metrics = self.listener.metrics
+            metrics = listener.metrics
             kind = route.kind.value
             metrics.outcome(kind, route.datacenter, outcome).inc()
             stats = metrics.route_stats(kind, route.datacenter)
             if up is not None and down is not None:
                 stats.bytes_up.inc(up.bytes)
                 stats.bytes_down.inc(down.bytes)
-        self.listener.connection_closed(self)
-        if self.listener.config.access_log and access_log.isEnabledFor(logging.INFO):
+        listener.connection_closed(self)
+        if listener.config.access_log and access_log.isEnabledFor(logging.INFO):
             self._log(outcome, detail)
 
     def _log(self, outcome: str, detail: str) -> None:
@@ -400,6 +418,7 @@ class Listener:
         use_splice = SPLICE_AVAILABLE and config.pump != "userspace"
         self.pipes: PipePool | None = PipePool() if use_splice else None
         self.pump_mode = config.pump if use_splice else "userspace"
+        self.poller = Poller(loop)
         self.sock: socket.socket | None = None
         self.draining = False
         self._accept_delay = 0.0
@@ -416,6 +435,8 @@ class Listener:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # Accepted sockets inherit these: two system calls fewer per connection.
+            _tune(sock)
             sock.bind((self.host, self.port))
             sock.listen(max(self.config.backlog, socket.SOMAXCONN))
             sock.setblocking(False)
@@ -474,6 +495,7 @@ class Listener:
             self._sweeper.cancel()
         if self.pipes is not None:
             self.pipes.close()
+        self.poller.close()
 
     # --- accepting ----------------------------------------------------------------------------
 
@@ -502,7 +524,6 @@ class Listener:
                 continue
             try:
                 client.setblocking(False)
-                _tune(client)
             except OSError:
                 client.close()
                 continue

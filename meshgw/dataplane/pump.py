@@ -1,29 +1,32 @@
 """One direction of a proxied connection: move bytes from `src` to `dst`, verbatim.
 
-Two ways to move them:
+Both sockets are registered once, edge-triggered, for reading and writing (see poller.py), so a
+flow is told "src may have bytes" and "dst may take bytes" and never asks the kernel to change a
+registration. With edge triggering a flow must read until the socket is drained; a read that
+returns less than it asked for means drained, unless the peer also closed (EPOLLRDHUP), in which
+case it reads on to the EOF.
+
+Two ways to move bytes:
 - userspace: `recv_into` a buffer shared by every connection of the process, then `send`. For
-  small request/response traffic this is as cheap as splice (two system calls either way) and it
+  small request/response traffic this is as cheap as splice (two system calls either way) and
   holds no per-connection memory.
 - splice: socket → pipe → socket inside the kernel; the bulk path.
 In `auto` mode a flow starts in userspace and switches to splice for good the first time one read
 fills the whole shared buffer (a bulk transfer), as HAProxy's splice-auto does.
 
-Backpressure is explicit and symmetrical: when `dst` cannot take everything, the flow stops
-reading `src` and waits for `dst` to become writable; then it flushes and reads again. EOF on
-`src` becomes `shutdown(SHUT_WR)` on `dst` once everything before it is delivered (half-close);
-the other direction keeps flowing.
+Backpressure is explicit and symmetrical: when `dst` cannot take everything, the flow keeps what
+it holds, stops reading `src` and waits for `dst` to become writable; then it flushes and reads
+again. EOF on `src` becomes `shutdown(SHUT_WR)` on `dst` once everything before it is delivered
+(half-close); the other direction keeps flowing.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from meshgw.dataplane.splice import SPLICE_FLAGS, PipePool
-
-if TYPE_CHECKING:
-    import asyncio
 
 BUFFER_SIZE = 65536
 
@@ -41,9 +44,10 @@ class Flow:
         "done",
         "dst",
         "dst_fd",
+        "eof",
         "in_pipe",
-        "loop",
         "owner",
+        "paused",
         "pending",
         "pipe",
         "pool",
@@ -56,7 +60,6 @@ class Flow:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
         owner: Owner,
         src: socket.socket,
         dst: socket.socket,
@@ -64,7 +67,6 @@ class Flow:
         pool: PipePool | None,
         mode: str,
     ) -> None:
-        self.loop = loop
         self.owner = owner
         self.src = src
         self.dst = dst
@@ -77,42 +79,60 @@ class Flow:
         self.pending = b""  # userspace bytes read but not yet sent
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0  # bytes sitting in self.pipe
+        self.paused = False  # dst is full: src is left unread until dst drains
+        self.eof = False  # src said EOF; dst is shut once what is held is delivered
+        self.done = False  # EOF delivered
         self.bytes = 0
-        self.done = False
 
     # --- events -------------------------------------------------------------------------------
 
-    def on_readable(self) -> None:
+    def readable(self, until_eof: bool) -> None:
+        """`src` has bytes or an EOF: move them until it is drained or `dst` is full.
+
+        `until_eof`: the peer closed its side too (or readiness was not tracked while paused),
+        so read on until EOF or EAGAIN rather than stopping at the first short read.
+        """
+        if self.paused or self.eof:
+            return
         if self.splice:
-            self._splice_in()
+            self._splice()
             return
         view = self.view
-        try:
-            n = self.src.recv_into(view)
-        except BlockingIOError:
-            return
-        except OSError as error:
-            self.owner.abort(self.src, error)
-            return
-        if n == 0:
-            self.at_eof()
-            return
-        self.bytes += n
-        try:
-            sent = self.dst.send(view[:n])
-        except BlockingIOError:
-            sent = 0
-        except OSError as error:
-            self.owner.abort(self.dst, error)
-            return
-        if sent < n:
-            # The shared buffer is reused by the next read anywhere: keep a copy of the rest.
-            self.pending = view[sent:n].tobytes()
-            self._pause()
-        elif n == len(view) and self.splice_when_bulk:
-            self.splice = True
+        size = len(view)
+        src, dst = self.src, self.dst
+        while True:
+            try:
+                n = src.recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self.owner.abort(src, error)
+                return
+            if n == 0:
+                self.at_eof()
+                return
+            self.bytes += n
+            try:
+                sent = dst.send(view[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self.owner.abort(dst, error)
+                return
+            if sent < n:
+                # The shared buffer is reused by the next read anywhere: keep a copy.
+                self.pending = view[sent:n].tobytes()
+                self.paused = True
+                return
+            if n == size:
+                if self.splice_when_bulk:
+                    self.splice = True
+                    self._splice()
+                    return
+            elif not until_eof:
+                return  # a short read drained the socket
 
-    def on_writable(self) -> None:
+    def writable(self) -> None:
         """`dst` can take bytes again: flush what is held, then resume reading `src`."""
         if self.pending:
             try:
@@ -125,41 +145,57 @@ class Flow:
             self.pending = self.pending[sent:]
             if self.pending:
                 return
-        elif self.in_pipe and not self._splice_out():
-            return
-        self._resume()
+        elif self.in_pipe:
+            if not self._splice_out():
+                return
+            self._release_pipe()
+        else:
+            return  # nothing held: a writable edge with nothing to say
+        if self.eof:
+            self._finish()
+        elif self.paused:
+            self.paused = False
+            # Readiness edges on src were ignored while paused: read on until EAGAIN.
+            self.readable(until_eof=True)
 
     # --- splice path --------------------------------------------------------------------------
 
-    def _splice_in(self) -> None:
-        pipe = self.pipe
-        if pipe is None:
-            pipe = self.pipe = self.pool.take()  # type: ignore[union-attr]
-        try:
-            n = os.splice(self.src_fd, pipe[1], 1 << 20, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            self._release_empty_pipe()
-            return
-        except OSError as error:
-            self.owner.abort(self.src, error)
-            return
-        if n == 0:
-            self._release_empty_pipe()
-            self.at_eof()
-            return
-        self.bytes += n
-        self.in_pipe = n
-        if self._splice_out():
-            self._release_empty_pipe()
-        else:
-            self._pause()
+    def _splice(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        src_fd = self.src_fd
+        while True:
+            pipe = self.pipe
+            if pipe is None:
+                pipe = self.pipe = pool.take()
+            want = pool.capacity or BUFFER_SIZE
+            try:
+                n = os.splice(src_fd, pipe[1], want, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                self._release_pipe()
+                return
+            except OSError as error:
+                self.owner.abort(self.src, error)
+                return
+            if n == 0:
+                self._release_pipe()
+                self.at_eof()
+                return
+            self.bytes += n
+            self.in_pipe = n
+            if not self._splice_out():
+                self.paused = True  # keep the pipe and its bytes until dst drains
+                return
+            # No early stop on a short splice: a pipe also fills up by slots (one per socket
+            # buffer), so a short count does not prove the socket drained. Read to EAGAIN.
 
     def _splice_out(self) -> bool:
         """Move the pipe's bytes to `dst`; True once the pipe is empty."""
         read_end = self.pipe[0]  # type: ignore[index]
+        dst_fd = self.dst_fd
         while self.in_pipe:
             try:
-                sent = os.splice(read_end, self.dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
+                sent = os.splice(read_end, dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 return False
             except OSError as error:
@@ -168,29 +204,21 @@ class Flow:
             self.in_pipe -= sent
         return True
 
-    def _release_empty_pipe(self) -> None:
+    def _release_pipe(self) -> None:
         if self.pipe is not None and not self.in_pipe:
             self.pool.give(self.pipe)  # type: ignore[union-attr]
             self.pipe = None
 
-    # --- flow control and ends ----------------------------------------------------------------
-
-    def _pause(self) -> None:
-        self.loop.remove_reader(self.src_fd)
-        self.loop.add_writer(self.dst_fd, self.on_writable)
-
-    def _resume(self) -> None:
-        self._release_empty_pipe()
-        self.loop.remove_writer(self.dst_fd)
-        self.loop.add_reader(self.src_fd, self.on_readable)
+    # --- the end ------------------------------------------------------------------------------
 
     def at_eof(self) -> None:
-        # Reading only happens while nothing is held, so everything before EOF is delivered.
-        self.done = True
-        self.loop.remove_reader(self.src_fd)
-        self._finish()
+        """`src` said EOF: shut `dst` for writing once everything held is delivered."""
+        self.eof = True
+        if not self.pending and not self.in_pipe:
+            self._finish()
 
     def _finish(self) -> None:
+        self.done = True
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as error:

@@ -1,0 +1,64 @@
+"""Edge-triggered epoll for the data plane's sockets, driven by the asyncio event loop.
+
+Why not `loop.add_reader`/`add_writer`: every registration change is an `epoll_ctl` (and libuv
+adds a probe and an ioctl per new descriptor), and a proxy changes registrations all the time.
+Here each socket is registered once, for reading and writing, edge-triggered: the kernel reports
+changes of state only, so a permanently registered "writable" costs nothing, and closing a socket
+removes it from the set without another system call. The epoll descriptor itself sits in the
+asyncio loop as one reader, so timers and the control plane share the same thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import sys
+from collections.abc import Callable
+
+EPOLL_AVAILABLE = sys.platform == "linux" and hasattr(select, "epoll")
+
+if EPOLL_AVAILABLE:
+    IN = select.EPOLLIN
+    OUT = select.EPOLLOUT
+    # Peer closed, hung up or failed: read on until EOF or the error shows.
+    CLOSED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+    _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+else:  # pragma: no cover - the data plane needs Linux epoll
+    IN, OUT, CLOSED, _MASK = 1, 4, 0x2018, 0
+
+MAX_EVENTS = 512
+
+Handler = Callable[[int], None]
+
+
+class Poller:
+    __slots__ = ("_epoll", "_loop", "handlers")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._epoll = select.epoll()
+        self.handlers: dict[int, Handler] = {}
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    def register(self, fd: int, handler: Handler) -> None:
+        """Watch `fd` for reading and writing until it is closed; `handler(events)` is called."""
+        self.handlers[fd] = handler
+        self._epoll.register(fd, _MASK)
+
+    def forget(self, fd: int) -> None:
+        """Before closing `fd`: closing removes it from the epoll set, this from our table."""
+        self.handlers.pop(fd, None)
+
+    def _dispatch(self) -> None:
+        handlers = self.handlers
+        for fd, events in self._epoll.poll(0, MAX_EVENTS):
+            handler = handlers.get(fd)
+            # A descriptor closed earlier in this batch may be reused already; a stale edge
+            # only makes a handler find nothing to read or write.
+            if handler is not None:
+                handler(events)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self.handlers.clear()
