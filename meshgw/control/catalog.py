@@ -31,13 +31,18 @@ class Parsed:
     max_modify_index: dict[Any, int] = field(default_factory=dict)
 
 
+def _obj(value: Any) -> Mapping[str, Any]:
+    """A JSON object, or an empty one for anything else (null, a string, a list)."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def _healthy(entry: Mapping[str, Any]) -> bool:
     checks = entry.get("Checks") or []
     return not any(isinstance(c, Mapping) and c.get("Status") == "critical" for c in checks)
 
 
 def _weight(service: Mapping[str, Any], healthy: bool) -> int:
-    weights = service.get("Weights") or {}
+    weights = _obj(service.get("Weights"))
     raw = weights.get("Passing", 1) if healthy else weights.get("Warning", 1)
     try:
         return min(max(int(raw), 1), 128)
@@ -57,7 +62,7 @@ def _str(value: Any) -> str:
 
 def lan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
     """BestAddress(false): the service Address, else the node Address; the service Port."""
-    node, service = entry.get("Node") or {}, entry.get("Service") or {}
+    node, service = _obj(entry.get("Node")), _obj(entry.get("Service"))
     host = _str(service.get("Address")) or _str(node.get("Address"))
     port = _port(service.get("Port"))
     return (host, port) if host and port else None
@@ -65,9 +70,9 @@ def lan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
 
 def wan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
     """BestAddress(true), as the gateway locator and Envoy's remote clusters use it."""
-    node, service = entry.get("Node") or {}, entry.get("Service") or {}
+    node, service = _obj(entry.get("Node")), _obj(entry.get("Service"))
     port = _port(service.get("Port"))
-    tagged = service.get("TaggedAddresses") or {}
+    tagged = _obj(service.get("TaggedAddresses"))
     wan = tagged.get("wan") if isinstance(tagged, Mapping) else None
     if isinstance(wan, Mapping) and _str(wan.get("Address")):
         wan_port = _port(wan.get("Port")) or port
@@ -76,7 +81,7 @@ def wan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
         return None
     if _str(service.get("Address")):
         return service["Address"], port
-    node_tagged = node.get("TaggedAddresses") or {}
+    node_tagged = _obj(node.get("TaggedAddresses"))
     if isinstance(node_tagged, Mapping) and _str(node_tagged.get("wan")):
         return node_tagged["wan"], port
     host = _str(node.get("Address"))
@@ -93,7 +98,7 @@ def local_servers(document: Any) -> Parsed:
     """`GET /v1/health/service/consul` → node name → server RPC endpoint."""
     parsed = Parsed()
     for entry in _entries(document, "/v1/health/service/consul"):
-        node = _str((entry.get("Node") or {}).get("Node"))
+        node = _str(_obj(entry.get("Node")).get("Node"))
         address = lan_address(entry)
         if not node or address is None:
             parsed.skipped.append(f"server entry without node name or address: {node or '?'}")
@@ -109,7 +114,7 @@ def gateway_endpoints(
 ) -> tuple[Endpoint, ...]:
     endpoints = []
     for entry in entries:
-        service = entry.get("Service") or {}
+        service = _obj(entry.get("Service"))
         address = wan_address(entry)
         if address is None:
             parsed.skipped.append(
@@ -151,7 +156,7 @@ def datacenter_gateways(document: Any, dc: str) -> Parsed:
     entries = [
         e
         for e in _entries(document, f"gateways of {dc}")
-        if (e.get("Service") or {}).get("Kind") == "mesh-gateway"
+        if _obj(e.get("Service")).get("Kind") == "mesh-gateway"
     ]
     parsed.endpoints[key] = gateway_endpoints(entries, parsed, key)
     return parsed
@@ -163,7 +168,7 @@ def local_service_instances(document: Any, name: str) -> Parsed:
     endpoints = []
     namespace = DEFAULT_NAMESPACE
     for entry in _entries(document, f"/v1/health/connect/{name}"):
-        service = entry.get("Service") or {}
+        service = _obj(entry.get("Service"))
         address = lan_address(entry)
         if address is None:
             parsed.skipped.append(f"{name} instance {service.get('ID', '?')}: no address")
@@ -199,8 +204,8 @@ def agent_identity(document: Any) -> AgentIdentity:
     """`GET /v1/agent/self` → the agent's datacenter, DNS domain and primary datacenter."""
     if not isinstance(document, Mapping):
         raise CatalogError("/v1/agent/self: expected a JSON object")
-    config = document.get("Config") or {}
-    debug = document.get("DebugConfig") or {}
+    config = _obj(document.get("Config"))
+    debug = _obj(document.get("DebugConfig"))
     domain = _str(debug.get("DNSDomain")) or _str(config.get("Domain"))
     return AgentIdentity(
         datacenter=_str(config.get("Datacenter")).lower() or None,

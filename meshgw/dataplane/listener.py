@@ -68,6 +68,7 @@ class Connection:
     __slots__ = (
         "buffered",
         "client",
+        "client_backlog",
         "client_eof",
         "client_fd",
         "down",
@@ -86,6 +87,7 @@ class Connection:
         "timer",
         "up",
         "upstream",
+        "upstream_events",
         "upstream_fd",
     )
 
@@ -100,12 +102,14 @@ class Connection:
         self.buffered = b""
         self.early_bytes = 0  # of those, how many were sent before the flows took over
         self.client_eof = False
+        self.client_backlog = False  # bytes left unread in the client socket (buffer bound)
         self.hello: Hello | None = None
         self.route: Route | None = None
         self.targets: list[Target] = []
         self.target: Target | None = None
         self.upstream: socket.socket | None = None
         self.upstream_fd = -1
+        self.upstream_events = 0  # what the upstream said while connecting, for the flows
         self.up: Flow | None = None  # client → upstream
         self.down: Flow | None = None  # upstream → client
         self.idle_mark = 0
@@ -127,7 +131,7 @@ class Connection:
                 up.readable(bool(events & CLOSED))
             return
         if events & (IN | CLOSED):
-            self._read_client()
+            self._read_client(until_eof=bool(events & CLOSED))
 
     def _on_upstream_event(self, events: int) -> None:
         down = self.down
@@ -138,15 +142,20 @@ class Connection:
                 down.readable(bool(events & CLOSED))
             return
         if self.phase is Phase.CONNECTING:
+            self.upstream_events |= events
             self._upstream_ready()
 
     # --- the client until the upstream is open ------------------------------------------------
 
-    def _read_client(self) -> None:
-        """Read what the client sent before any upstream exists: the hello, maybe more."""
+    def _read_client(self, until_eof: bool) -> None:
+        """Read what the client sent before any upstream exists: the hello, maybe more.
+
+        `until_eof`: the client also closed its side; read on to see the EOF, which no later
+        edge would report.
+        """
         view = self.listener.view
         cap = self.listener.config.max_hello_bytes
-        while not self.client_eof and len(self.buffered) < 2 * cap:
+        while not self.client_eof and not self.client_backlog:
             try:
                 n = self.client.recv_into(view)
             except BlockingIOError:
@@ -166,6 +175,7 @@ class Connection:
                 # Bytes after the hello (early data) wait for the upstream, within a bound;
                 # the rest stays in the socket until the flows read it.
                 if len(self.buffered) >= 2 * cap:
+                    self.client_backlog = True
                     return
                 continue
             result = self.reader.feed(chunk)  # type: ignore[union-attr]
@@ -175,7 +185,7 @@ class Connection:
                 self._reject(result.reason.value, result.detail)
                 return
             self._route(result)
-            if self.phase is not Phase.CONNECTING or n < len(view):
+            if self.phase is not Phase.CONNECTING or (n < len(view) and not until_eof):
                 return
 
     def _hello_timed_out(self) -> None:
@@ -318,11 +328,13 @@ class Connection:
         self.idle_since = listener.loop.time()
         if self.client_eof:
             up.at_eof()  # the half-close that came while connecting
-        # Both sockets may hold bytes whose edges were consumed before the flows existed.
-        if self.phase is Phase.OPEN:
-            down.readable(until_eof=True)
-        if self.phase is Phase.OPEN and not self.client_eof:
-            up.readable(until_eof=True)
+        # Edges consumed before the flows existed: the upstream may have answered (or closed)
+        # already, and the client may have more than the bound let us read while connecting.
+        events = self.upstream_events
+        if events & (IN | CLOSED) and self.phase is Phase.OPEN:
+            down.readable(bool(events & CLOSED))
+        if self.client_backlog and self.phase is Phase.OPEN:
+            up.readable(until_eof=False)
 
     # --- flows' callbacks and the end ---------------------------------------------------------
 
