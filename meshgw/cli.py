@@ -211,17 +211,14 @@ def _add_commands(main: click.Group) -> None:
     # Imported here, after the group exists; each module keeps its heavy imports inside its
     # command, so `meshgw run` pays almost nothing for them.
     from meshgw.demo import demo_command
+    from meshgw.doctor import doctor_command
     from meshgw.tls.cli import tls_group
 
-    for command in (tls_group, demo_command):
+    for command in (tls_group, demo_command, doctor_command):
         main.add_command(command)
 
 
 _add_commands(main)
-
-from meshgw.doctor import doctor_command  # noqa: E402
-
-main.add_command(doctor_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename(sys.argv[0]))
