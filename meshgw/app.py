@@ -254,7 +254,7 @@ class Gateway:
                     "admin": f"{admin.host}:{admin.port}",
                     "dc": self.topology.datacenter if self.topology else None,
                     "pump": listener.pump_mode,
-                    "workers": settings.workers,
+                    "workers": settings.worker_count,
                     "expose_servers": settings.expose_servers,
                 }
             },
@@ -264,13 +264,13 @@ class Gateway:
         settings = self.settings
         config = dataplane_config(settings)
         host, port = settings.listen.host, settings.listen.port
-        if settings.workers > 1:
+        if settings.worker_count > 1:
             pool = WorkerPool(
                 config,
                 self.table,
                 host,
                 port,
-                settings.workers,
+                settings.worker_count,
                 log_settings=(settings.log_format, settings.log_level),
             )
             try:

@@ -63,7 +63,7 @@ SETTINGS_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--max-hello-bytes", metavar="N", help=_help("max_hello_bytes") + " [65536]"),
     click.option("--max-connections", metavar="N", help=_help("max_connections") + " [8192]"),
     click.option("--pump", help="auto | splice | userspace [auto]."),
-    click.option("--workers", metavar="N", help=_help("workers") + " [1]"),
+    click.option("--workers", metavar="N|auto", help=_help("workers") + " [auto]"),
     click.option("--access-log/--no-access-log", default=None, help=_help("access_log")),
     click.option("--log-format", help="text | json [text]."),
     click.option("--log-level", help="debug | info | warning | error [info]."),

@@ -113,6 +113,20 @@ def parse_positive_int(value: Any) -> int:
     return number
 
 
+def parse_workers(value: Any) -> int:
+    """A number of processes, or "auto" (0): one per CPU this process may run on."""
+    if str(value).strip().lower() in {"auto", "0"}:
+        return 0
+    return parse_positive_int(value)
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -234,7 +248,7 @@ class Settings:
     max_hello_bytes: int = _opt(DEFAULT_MAX_HELLO_BYTES, parse_positive_int, "ClientHello cap")
     max_connections: int = _opt(8192, parse_positive_int, "concurrent connections cap")
     pump: str = _opt("auto", choice("auto", "splice", "userspace"), "how bytes are moved")
-    workers: int = _opt(1, parse_positive_int, "worker processes sharing the port")
+    workers: int = _opt(0, parse_workers, "worker processes on the port (auto: one per CPU)")
     # faces
     admin: Address = _opt(Address("127.0.0.1", 19100), parse_listen, "admin/metrics address")
     access_log: bool = _opt(True, parse_bool, "one log line per connection")
@@ -316,6 +330,10 @@ class Settings:
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or available_cpus()
 
     def static_topology(self) -> TopologyPart:
         """What the settings themselves say about the federation."""

@@ -120,6 +120,7 @@ def gateway_factory() -> Iterator[Callable[..., GatewayThread]]:
         values.setdefault("admin", "127.0.0.1:0")
         values.setdefault("access_log", False)
         values.setdefault("drain_timeout", 2)
+        values.setdefault("workers", 1)  # in this process, so tests can look inside
         settings = Settings.load(values)
         gw = GatewayThread(settings).start()
         started.append(gw)
@@ -137,6 +138,8 @@ class GatewayProcess:
     LISTENING = re.compile(r"meshgw listening listen=(\S+):(\d+) admin=(\S+):(\d+)")
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        if "--workers" not in args:
+            args = [*args, "--workers", "1"]  # one process: its descriptors are the gateway's
         self.args = args
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(

@@ -69,7 +69,8 @@ class Worker:
         self.reader, self.writer = await asyncio.open_connection(sock=ours)
         reply = await self.request(init)
         if reply[0] != "listening":
-            raise OSError(reply[1])
+            _, code, message = reply
+            raise OSError(code, message)
         return int(reply[1])
 
     async def request(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -152,10 +153,11 @@ class WorkerPool:
 
     async def drain(self, timeout: float) -> int:
         self.listening = False
+        running = [w for w in self.workers if w.writer is not None]
         replies = await asyncio.gather(
-            *(w.request(("drain", timeout)) for w in self.workers), return_exceptions=True
+            *(w.request(("drain", timeout)) for w in running), return_exceptions=True
         )
-        await asyncio.gather(*(w.wait(5.0) for w in self.workers))
+        await asyncio.gather(*(w.wait(5.0) for w in running))
         return sum(r[1] for r in replies if isinstance(r, tuple))
 
 
@@ -221,7 +223,7 @@ async def _worker_main(fd: int) -> None:
                 try:
                     listener.start()
                 except OSError as error:
-                    await send(writer, ("error", f"{host}:{port}: {error.strerror}"))
+                    await send(writer, ("error", error.errno, error.strerror))
                     return
                 await send(writer, ("listening", listener.port))
             elif kind == "table" and listener is not None:

@@ -62,6 +62,7 @@ def write_config(
         "drain_timeout": f"{DRAIN_TIMEOUT:g}s",
         "access_log": access_log,
         "log_format": "text",
+        "workers": 1,  # six gateways on a laptop: one process each is plenty
     }
     lines = [f"# meshgw demo: gateway {spec.index} of {spec.dc}"]
     lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
