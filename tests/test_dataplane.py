@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
 import ssl
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -553,3 +555,46 @@ def test_no_descriptor_growth_after_thousands_of_mixed_connections(
     # The pipe pool may keep a few idle pipes (two descriptors each) for reuse.
     assert open_fds(gw.proc.pid) <= baseline + 2 * 64
     assert metric(gw.admin_port, "meshgw_rejections_total", reason="hello_timeout") == 500
+
+
+def test_out_of_descriptors_pauses_accepting_without_spinning(gateway_process, backend_factory):
+    import resource
+
+    def reply(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(65536)[:3])
+
+    server = backend_factory(reply)
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-access-log",
+        "--expose-servers", "--server", f"n={server.address}",
+    ).wait_listening()  # fmt: skip
+    spare = 8
+    limit = open_fds(gw.proc.pid) + spare
+    resource.prlimit(gw.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    held = [connect(gw.port) for _ in range(spare + 4)]  # more than the gateway can accept
+    try:
+        for client in held:
+            client.sendall(b"\x16")  # one byte: accepted ones wait for the rest of a hello
+        gw.wait_for("accept failed \\(EMFILE\\)")
+        cpu_before = _cpu_seconds(gw.proc.pid)
+        time.sleep(1.0)  # a spinning accept loop would burn this second of CPU
+        assert _cpu_seconds(gw.proc.pid) - cpu_before < 0.3
+    finally:
+        for client in held:
+            client.close()
+    # Descriptors come back: the gateway accepts and routes again.
+    hello = python_hello("n.server.dc1.consul")
+    deadline = time.monotonic() + WAIT
+    while True:
+        with connect(gw.port) as client:
+            client.sendall(hello)
+            client.shutdown(socket.SHUT_WR)
+            if recv_all(client) == hello[:3]:
+                break
+        assert time.monotonic() < deadline
+    assert metric(gw.admin_port, "meshgw_accept_errors_total", error="EMFILE") >= 1
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
