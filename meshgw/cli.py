@@ -210,11 +210,12 @@ def routes(
 def _add_commands(main: click.Group) -> None:
     # Imported here, after the group exists; each module keeps its heavy imports inside its
     # command, so `meshgw run` pays almost nothing for them.
+    from meshgw.bench.cli import bench_command
     from meshgw.demo import demo_command
     from meshgw.doctor import doctor_command
     from meshgw.tls.cli import tls_group
 
-    for command in (tls_group, demo_command, doctor_command):
+    for command in (tls_group, demo_command, doctor_command, bench_command):
         main.add_command(command)
 
 
