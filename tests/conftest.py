@@ -179,9 +179,9 @@ class GatewayProcess:
                     break
                 self._partial += chunk
                 *complete, self._partial = self._partial.split(b"\n")
-                for raw in complete:
-                    line = raw.decode(errors="replace") + "\n"
-                    self.lines.append(line)
+                new = [raw.decode(errors="replace") + "\n" for raw in complete]
+                self.lines.extend(new)  # every line, also those after a match
+                for line in new:
                     found = regex.search(line)
                     if found:
                         return found

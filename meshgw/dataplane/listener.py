@@ -198,11 +198,11 @@ class Connection:
             self.timer = None
         self.hello = hello
         self.reader = None  # the hello is done: free its buffer
-        metrics = self.listener.metrics
-        metrics.hello_bytes.observe(hello.length)
-        metrics.hello_seconds.observe(time.monotonic() - self.started)
+        stats = self.listener.stats
+        stats.hello_bytes.observe(hello.length)
+        stats.hello_seconds.observe(time.monotonic() - self.started)
         for protocol in hello.alpn or ("none",):
-            metrics.alpn_offered(protocol).inc()
+            stats.offered(protocol)
         route = self.listener.table.resolve(hello.sni)
         if route is None:
             self._reject("unknown_sni")
@@ -284,9 +284,7 @@ class Connection:
         route = self.route
         assert route is not None
         reason = errno.errorcode.get(error.errno or 0, "error").lower()
-        self.listener.metrics.upstream_failures.labels(
-            route.kind.value, route.datacenter, reason
-        ).inc()
+        self.listener.stats.upstream_failures[route.kind.value, route.datacenter, reason] += 1
         target = self.target.endpoint if self.target else None
         log.debug("upstream %s failed for %s: %s", target, self.hello and self.hello.sni, error)
 
@@ -309,8 +307,7 @@ class Connection:
             self.timer = None
             route = self.route
             assert route is not None
-            stats = self.listener.metrics.route_stats(route.kind.value, route.datacenter)
-            stats.connect_seconds.observe(time.monotonic() - self.started)
+            self.listener.stats.connected(route.kind.value, time.monotonic() - self.started)
         self.early_bytes += sent
         self.buffered = self.buffered[sent:]
         if not self.buffered:
@@ -352,7 +349,7 @@ class Connection:
         self.close("client_reset" if dead is self.client else "upstream_reset")
 
     def _reject(self, reason: str, detail: str = "") -> None:
-        self.listener.metrics.rejection(reason).inc()
+        self.listener.stats.rejections[reason] += 1
         self.close(reason, detail=detail, rejected=True)
 
     def close(self, outcome: str, *, detail: str = "", rejected: bool = False) -> None:
@@ -375,13 +372,12 @@ class Connection:
             down.release()
         route = self.route
         if route is not None and not rejected:
-            metrics = listener.metrics
-            kind = route.kind.value
-            metrics.outcome(kind, route.datacenter, outcome).inc()
-            stats = metrics.route_stats(kind, route.datacenter)
+            stats = listener.stats
+            kind, dc = route.kind.value, route.datacenter
+            stats.connections[kind, dc, outcome] += 1
             if up is not None and down is not None:
-                stats.bytes_up.inc(up.bytes)
-                stats.bytes_down.inc(down.bytes)
+                stats.bytes[kind, dc, "upstream"] += up.bytes
+                stats.bytes[kind, dc, "downstream"] += down.bytes
         listener.connection_closed(self)
         if listener.config.access_log and access_log.isEnabledFor(logging.INFO):
             self._log(outcome, detail)
@@ -422,6 +418,8 @@ class Listener:
         self.loop = loop
         self.config = config
         self.metrics = metrics or Metrics()
+        self.stats = self.metrics.dataplane
+        self.stats.active = lambda: len(self.connections)
         self.table = table  # swapped whole by set_table; read once per connection
         self.host, self.port = host, port
         self.reuse_port = reuse_port
@@ -523,14 +521,14 @@ class Listener:
                 break
             except OSError as error:
                 name = errno.errorcode.get(error.errno or 0, "error")
-                self.metrics.accept_errors.labels(name).inc()
+                self.stats.accept_errors[name] += 1
                 if error.errno in RESOURCE_ERRORS:
                     self._back_off(name)
                     return
                 continue  # ECONNABORTED and the like: that client is gone, keep accepting
             self._accept_delay = 0.0
             if len(self.connections) >= config.max_connections:
-                self.metrics.rejection("max_connections").inc()
+                self.stats.rejections["max_connections"] += 1
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 client.close()
                 continue
@@ -540,7 +538,6 @@ class Listener:
                 client.close()
                 continue
             self.connections.add(Connection(self, client, peer))
-            self.metrics.active.inc()
 
     def _back_off(self, reason: str) -> None:
         """Out of descriptors or memory: stop accepting for a moment instead of spinning."""
@@ -564,7 +561,6 @@ class Listener:
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        self.metrics.active.dec()
         if self._idle is not None and not self.connections:
             self._idle.set()
 
