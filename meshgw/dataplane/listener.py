@@ -19,6 +19,7 @@ import logging
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,37 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+class Deadlines:
+    """Connections waiting out one fixed timeout, oldest first.
+
+    One periodic sweep serves them all instead of a timer armed and cancelled per connection:
+    since the timeout is the same for every entry, insertion order is deadline order.
+    """
+
+    __slots__ = ("_waiting", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._waiting: OrderedDict[Connection, float] = OrderedDict()
+
+    def add(self, conn: Connection, now: float) -> None:
+        self._waiting.pop(conn, None)  # re-added (failover): a fresh deadline, at the end
+        self._waiting[conn] = now + self.timeout
+
+    def discard(self, conn: Connection) -> None:
+        self._waiting.pop(conn, None)
+
+    def expired(self, now: float) -> list[Connection]:
+        waiting, due = self._waiting, []
+        while waiting:
+            conn, deadline = next(iter(waiting.items()))
+            if deadline > now:
+                break
+            del waiting[conn]
+            due.append(conn)
+        return due
+
+
 class Connection:
     __slots__ = (
         "buffered",
@@ -84,7 +116,6 @@ class Connection:
         "started",
         "target",
         "targets",
-        "timer",
         "up",
         "upstream",
         "upstream_events",
@@ -115,9 +146,7 @@ class Connection:
         self.idle_mark = 0
         self.idle_since = 0.0
         self.started = time.monotonic()
-        self.timer: asyncio.TimerHandle | None = listener.loop.call_later(
-            listener.config.hello_timeout, self._hello_timed_out
-        )
+        listener.hello_deadlines.add(self, self.started)
         listener.poller.register(self.client_fd, self._on_client_event)
 
     # --- events -------------------------------------------------------------------------------
@@ -188,14 +217,11 @@ class Connection:
             if self.phase is not Phase.CONNECTING or (n < len(view) and not until_eof):
                 return
 
-    def _hello_timed_out(self) -> None:
-        self.timer = None
+    def hello_timed_out(self) -> None:
         self._reject("hello_timeout")
 
     def _route(self, hello: Hello) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.listener.hello_deadlines.discard(self)
         self.hello = hello
         self.reader = None  # the hello is done: free its buffer
         stats = self.listener.stats
@@ -239,9 +265,7 @@ class Connection:
             self.upstream = sock
             self.upstream_fd = sock.fileno()
             self.target = target
-            self.timer = self.listener.loop.call_later(
-                self.listener.config.connect_timeout, self._connect_timed_out
-            )
+            self.listener.connect_deadlines.add(self, time.monotonic())
             # Writable (connected) or an error is reported as an edge on this registration.
             self.listener.poller.register(self.upstream_fd, self._on_upstream_event)
             return
@@ -263,16 +287,13 @@ class Connection:
         self.targets[:0] = resolved
         self._connect_next()
 
-    def _connect_timed_out(self) -> None:
-        self.timer = None
+    def connect_timed_out(self) -> None:
         self._drop_upstream(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
 
     def _drop_upstream(self, error: OSError) -> None:
         """This endpoint failed before anything was sent to it: try the next one."""
         self._count_failure(error)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.listener.connect_deadlines.discard(self)
         if self.upstream is not None:
             self.listener.poller.forget(self.upstream_fd)
             self.upstream.close()
@@ -302,9 +323,8 @@ class Connection:
             else:
                 self._drop_upstream(error)
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if not self.early_bytes:  # the first bytes went through: connected
+            self.listener.connect_deadlines.discard(self)
             route = self.route
             assert route is not None
             self.listener.stats.connected(route.kind.value, time.monotonic() - self.started)
@@ -335,10 +355,16 @@ class Connection:
 
     # --- flows' callbacks and the end ---------------------------------------------------------
 
-    def flow_finished(self) -> None:
+    def flow_finished(self, flow: Flow) -> None:
+        """One direction delivered its EOF: pass it on as a FIN, or close if both are done."""
         up, down = self.up, self.down
         if up is not None and down is not None and up.done and down.done:
-            self.close("closed")
+            self.close("closed")  # close() sends this last FIN: no shutdown() needed
+            return
+        try:
+            flow.dst.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            self.abort(flow.dst, error)
 
     def abort(self, dead: socket.socket, error: OSError) -> None:
         """One side failed: reset the other, so it learns of the abort (RST, not FIN)."""
@@ -357,9 +383,8 @@ class Connection:
             return
         self.phase = Phase.CLOSED
         listener = self.listener
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        listener.hello_deadlines.discard(self)
+        listener.connect_deadlines.discard(self)
         poller = listener.poller
         poller.forget(self.client_fd)
         self.client.close()
@@ -429,12 +454,15 @@ class Listener:
         self.pipes: PipePool | None = PipePool() if use_splice else None
         self.pump_mode = config.pump if use_splice else "userspace"
         self.poller = Poller(loop)
+        self.hello_deadlines = Deadlines(config.hello_timeout)
+        self.connect_deadlines = Deadlines(config.connect_timeout)
         self.sock: socket.socket | None = None
         self.draining = False
         self._accept_delay = 0.0
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadline_sweeper: asyncio.TimerHandle | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -456,6 +484,7 @@ class Listener:
         self.sock = sock
         self.port = sock.getsockname()[1]
         self.loop.add_reader(sock.fileno(), self._on_accept)
+        self._sweep_deadlines()
         if self.config.idle_timeout:
             self._schedule_sweep()
 
@@ -501,8 +530,9 @@ class Listener:
             conn.close("shutdown")
         for task in self._tasks:
             task.cancel()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for sweeper in (self._sweeper, self._deadline_sweeper):
+            if sweeper is not None:
+                sweeper.cancel()
         if self.pipes is not None:
             self.pipes.close()
         self.poller.close()
@@ -569,7 +599,19 @@ class Listener:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # --- idle timeout -------------------------------------------------------------------------
+    # --- timeouts ----------------------------------------------------------------------------
+
+    def _sweep_deadlines(self) -> None:
+        """Hello and connect deadlines, checked a few times per shortest timeout."""
+        now = time.monotonic()
+        for conn in self.hello_deadlines.expired(now):
+            conn.hello_timed_out()
+        for conn in self.connect_deadlines.expired(now):
+            conn.connect_timed_out()
+        shortest = min(self.config.hello_timeout, self.config.connect_timeout)
+        self._deadline_sweeper = self.loop.call_later(
+            min(max(shortest / 10, 0.01), 0.5), self._sweep_deadlines
+        )
 
     def _schedule_sweep(self) -> None:
         idle = self.config.idle_timeout

@@ -34,7 +34,7 @@ BUFFER_SIZE = 65536
 class Owner(Protocol):
     """What a flow needs from its connection."""
 
-    def flow_finished(self) -> None: ...
+    def flow_finished(self, flow: Flow) -> None: ...
     def abort(self, dead: socket.socket, error: OSError) -> None: ...
 
 
@@ -219,12 +219,7 @@ class Flow:
 
     def _finish(self) -> None:
         self.done = True
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError as error:
-            self.owner.abort(self.dst, error)
-            return
-        self.owner.flow_finished()
+        self.owner.flow_finished(self)  # shuts dst for writing, or closes both
 
     def release(self) -> None:
         """Give back or close the pipe when the connection closes."""
