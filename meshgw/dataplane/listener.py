@@ -16,6 +16,7 @@ import contextlib
 import enum
 import errno
 import logging
+import math
 import socket
 import struct
 import time
@@ -146,8 +147,14 @@ class Connection:
         self.idle_mark = 0
         self.idle_since = 0.0
         self.started = time.monotonic()
-        listener.hello_deadlines.add(self, self.started)
-        listener.poller.register(self.client_fd, self._on_client_event)
+
+    def start(self) -> None:
+        """Begin with the hello. With TCP_DEFER_ACCEPT it is usually here already: reading it
+        before registering saves a wake-up (registering reports only what is still unread)."""
+        self.listener.hello_deadlines.add(self, self.started)
+        self._read_client(until_eof=False)
+        if self.phase is not Phase.CLOSED:
+            self.listener.poller.register(self.client_fd, self._on_client_event)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -475,6 +482,14 @@ class Listener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # Accepted sockets inherit these: two system calls fewer per connection.
             _tune(sock)
+            if hasattr(socket, "TCP_DEFER_ACCEPT"):
+                # Wake up for a connection only once it has sent something: clients that
+                # connect and stay silent cost no descriptor and no work until they speak.
+                sock.setsockopt(
+                    socket.IPPROTO_TCP,
+                    socket.TCP_DEFER_ACCEPT,
+                    max(1, math.ceil(self.config.hello_timeout)),
+                )
             sock.bind((self.host, self.port))
             sock.listen(max(self.config.backlog, socket.SOMAXCONN))
             sock.setblocking(False)
@@ -567,7 +582,9 @@ class Listener:
             except OSError:
                 client.close()
                 continue
-            self.connections.add(Connection(self, client, peer))
+            conn = Connection(self, client, peer)
+            self.connections.add(conn)
+            conn.start()
 
     def _back_off(self, reason: str) -> None:
         """Out of descriptors or memory: stop accepting for a moment instead of spinning."""
