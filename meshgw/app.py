@@ -85,6 +85,7 @@ class ControlPlane:
         self.client: ConsulClient | None = None
         self.discovery: Discovery | None = None
         self.registrar: Registrar | None = None
+        self.listen_port = settings.listen.port
         self.tasks: list[asyncio.Task[None]] = []
         if settings.consul is not None or settings.register:
             try:
@@ -126,26 +127,34 @@ class ControlPlane:
         )
         self.tasks.append(loop.create_task(self.discovery.run()))
         if settings.register:
-            address = settings.address
+            self.listen_port = listen_port
             self.registrar = Registrar(
                 client,
-                GatewayRegistration(
-                    name=settings.service_name,
-                    service_id=settings.proxy_id,
-                    # Without --address, Consul's CLI registers "" and its default port; the
-                    # port this gateway really listens on is the one to advertise.
-                    address=(address.host, address.port) if address else ("", listen_port),
-                    wan_address=(
-                        (settings.wan_address.host, settings.wan_address.port)
-                        if settings.wan_address
-                        else None
-                    ),
-                    expose_servers=settings.expose_servers,
-                    deregister_after_critical=settings.deregister_after_critical,
-                ),
+                self.registration(settings),
                 on_state=lambda ok: health("registration", ok),
             )
             self.tasks.append(loop.create_task(self.registrar.run()))
+
+    def registration(self, settings: Settings) -> GatewayRegistration:
+        address, wan = settings.address, settings.wan_address
+        return GatewayRegistration(
+            name=settings.service_name,
+            service_id=settings.proxy_id,
+            # Without --address, Consul's CLI registers "" and its default port; the port this
+            # gateway really listens on is the one to advertise.
+            address=(address.host, address.port) if address else ("", self.listen_port),
+            wan_address=(wan.host, wan.port) if wan else None,
+            expose_servers=settings.expose_servers,
+            deregister_after_critical=settings.deregister_after_critical,
+        )
+
+    def reload(self, settings: Settings) -> None:
+        """SIGHUP: register again with what the new settings say (same ID: updated in place)."""
+        self.settings = settings
+        if self.registrar is not None:
+            self.registrar.registration = self.registration(settings)
+            self.registrar.registered = False
+            self.registrar.wake()
 
     def watch_status(self) -> dict[str, Any]:
         if self.discovery is None:
@@ -333,6 +342,7 @@ class Gateway:
             log.warning("reload: %s take effect only after a restart", ", ".join(changed))
         self.settings = new
         self.update_part(new.static_topology())
+        self.control.reload(new)
         log.info("settings reloaded")
 
     # --- views for the admin face -------------------------------------------------------------

@@ -334,3 +334,28 @@ def test_primary_gateways_without_consul(gateway_factory, backend_factory) -> No
         primary_gateways=[f"127.0.0.1:{bootstrap.port}"],
     )
     assert ask(gw.port, "node-1.server.dc1.consul") == b"bootstrap"
+
+
+def test_sighup_reloads_routes_and_registration(consul, gateway_process, tmp_path) -> None:
+    double = consul()
+    config = tmp_path / "meshgw.toml"
+    config.write_text(
+        'dc = "dc1"\nexpose_servers = true\nregister = true\n'
+        'servers = ["s1=127.0.0.1:8300"]\nwan_address = "203.0.113.5:443"\n'
+    )
+    gw = gateway_process(
+        "--config", str(config), "--consul", double.url,
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+    ).wait_listening()  # fmt: skip
+    double.wait_for_request("/v1/agent/service/register")
+    config.write_text(
+        'dc = "dc1"\nexpose_servers = true\nregister = true\n'
+        'servers = ["s2=127.0.0.1:8301"]\nwan_address = "198.51.100.7:8443"\n'
+    )
+    gw.signal(signal.SIGHUP)
+    gw.wait_for("settings reloaded")
+    double.wait_for_request("/v1/agent/service/register", count=2)
+    body = double.find_requests("/v1/agent/service/register")[-1].json
+    assert body["TaggedAddresses"]["wan"] == {"Address": "198.51.100.7", "Port": 8443}
+    assert route_targets(gw.admin_port, "s2.server.dc1.consul") == ["127.0.0.1:8301"]
+    assert route_targets(gw.admin_port, "s1.server.dc1.consul") == []
