@@ -44,7 +44,7 @@ SETTINGS_OPTIONS: list[Callable[[Any], Any]] = [
         "--server", "servers", multiple=True, metavar="NODE=HOST:PORT", help=_help("servers")
     ),
     click.option(
-        "--gateway", "gateways", multiple=True, metavar="DC=HOST:PORT", help=_help("gateways")
+        "--gateway", "gateways", multiple=True, metavar="DC[/AP]=HOST:PORT", help=_help("gateways")
     ),
     click.option(
         "--service",

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from meshgw.topology import Endpoint, GatewayKey, ServiceKey, Source, TopologyPart
+from meshgw.topology import (
+    DEFAULT_PARTITION,
+    Endpoint,
+    GatewayKey,
+    ServiceKey,
+    Source,
+    TopologyPart,
+)
 from meshgw.wire.clienthello import DEFAULT_MAX_HELLO_BYTES
 from meshgw.wire.names import is_valid_datacenter, is_valid_node_name, normalize_host_name
 
@@ -198,9 +205,16 @@ def parse_servers(value: Any) -> dict[str, Address]:
 
 
 def parse_gateways(value: Any) -> dict[str, list[Address]]:
+    """DC=HOST:PORT, or DC/PARTITION=HOST:PORT for a non-default admin partition."""
     gateways: dict[str, list[Address]] = {}
-    for dc, address in _pairs(value):
-        gateways.setdefault(parse_datacenter(dc), []).append(parse_address(address))
+    for key, address in _pairs(value):
+        dc, _, partition = key.partition("/")
+        name = parse_datacenter(dc)
+        if partition and partition != DEFAULT_PARTITION:
+            if normalize_host_name(partition) is None or "." in partition:
+                raise ValueError(f"{partition!r} in {key!r} is not a partition name (one label)")
+            name = f"{name}/{partition.lower()}"
+        gateways.setdefault(name, []).append(parse_address(address))
     return gateways
 
 
@@ -239,7 +253,9 @@ class Settings:
     listen: Address = _opt(Address("0.0.0.0", 8443), parse_listen, "address to accept TLS on")
     expose_servers: bool = _opt(False, parse_bool, "route Consul server names (WAN federation)")
     servers: dict[str, Address] = _opt({}, parse_servers, "local servers, NODE=HOST:PORT")
-    gateways: dict[str, list[Address]] = _opt({}, parse_gateways, "remote gateways, DC=HOST:PORT")
+    gateways: dict[str, list[Address]] = _opt(
+        {}, parse_gateways, "remote gateways, DC[/PARTITION]=HOST:PORT"
+    )
     services: dict[str, list[Address]] = _opt({}, parse_services, "local services, NAME=HOST:PORT")
     hello_timeout: float = _opt(10.0, parse_seconds, "seconds to receive the ClientHello")
     connect_timeout: float = _opt(5.0, parse_seconds, "seconds to connect to an upstream")
@@ -349,8 +365,8 @@ class Settings:
             primary_datacenter=self.primary_dc,
             servers={node: endpoint(a) for node, a in self.servers.items()},
             gateways={
-                GatewayKey(dc): tuple(endpoint(a) for a in addresses)
-                for dc, addresses in self.gateways.items()
+                GatewayKey(*key.split("/")): tuple(endpoint(a) for a in addresses)
+                for key, addresses in self.gateways.items()
             },
             services={
                 ServiceKey(name): tuple(endpoint(a) for a in addresses)

@@ -141,3 +141,21 @@ def test_cli_routes_explains_names() -> None:
     assert "no local server named 's2'" in refused.stdout
     table = run_cli(*args)
     assert "*.server.dc2.consul" in table.stdout
+
+
+def test_partition_gateways_route_internal_v1_names() -> None:
+    from meshgw.routing import RouteTable
+    from meshgw.topology import merge
+
+    td = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
+    s = Settings.load(
+        {"dc": "dc1", "trust_domain": td, "gateways": ["dc2/ap1=10.2.1.1:443", "dc2=10.2.0.1:443"]}
+    )
+    table = RouteTable.build(merge([s.static_topology()], datacenter="dc1"))
+    route = table.resolve(f"web.default.ap1.dc2.internal-v1.{td}")
+    assert route is not None and [str(t.endpoint) for t in route.cluster.targets] == [
+        "10.2.1.1:443"
+    ]
+    assert table.resolve(f"web.default.ap2.dc2.internal-v1.{td}") is None
+    with pytest.raises(SettingsError, match="not a partition name"):
+        Settings.load({"dc": "dc1", "gateways": ["dc2/a.b=10.0.0.1:443"]})
