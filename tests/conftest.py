@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -342,3 +342,26 @@ def stream(seed: bytes, total: int, block: int = 1 << 20) -> Iterator[bytes]:
 
 def open_fds(pid: int | None = None) -> int:
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
+
+
+def lines_until(stream: IO[Any], done: Callable[[str], bool], timeout: float) -> list[str]:
+    """Lines of `stream` up to the first that is `done`, or up to EOF or the deadline.
+
+    Reads the descriptor itself: a text stream's own buffer would hide lines from select().
+    """
+    fd = stream.fileno()
+    seen: list[str] = []
+    pending = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            *complete, pending = (pending + chunk).split(b"\n")
+            for raw in complete:
+                seen.append(raw.decode(errors="replace") + "\n")
+                if done(seen[-1]):
+                    return seen
+    return seen

@@ -6,15 +6,13 @@ import asyncio
 import contextlib
 import os
 import re
-import selectors
 import signal
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
@@ -41,7 +39,7 @@ from meshgw.demo.protocols import (
     rpc_answer,
 )
 from meshgw.demo.servers import SimServer, client_context
-from tests.conftest import REPO
+from tests.conftest import REPO, lines_until
 
 DEMO_TIMEOUT = 90.0
 WAIT = 10.0
@@ -308,29 +306,6 @@ async def test_a_server_that_goes_away_fails_its_paths(tmp_path: Path) -> None:
 
 
 # --- the whole demo ----------------------------------------------------------------------------
-
-
-def lines_until(stream: IO[str], done: Callable[[str], bool], timeout: float) -> list[str]:
-    """Lines of `stream` up to the first that is `done`, or up to EOF or the deadline.
-
-    Reads the descriptor itself: a text stream's own buffer would hide lines from select().
-    """
-    fd = stream.fileno()
-    seen: list[str] = []
-    pending = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            *complete, pending = (pending + chunk).split(b"\n")
-            for raw in complete:
-                seen.append(raw.decode(errors="replace") + "\n")
-                if done(seen[-1]):
-                    return seen
-    return seen
 
 
 def demo_env() -> dict[str, str]:

@@ -11,23 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from meshgw.settings import Settings
-from tests.conftest import REPO
+from tests.conftest import REPO, lines_until
 
 DOCKERFILE = REPO / "Dockerfile"
 EXAMPLES = REPO / "examples"
@@ -124,29 +121,6 @@ def run(
     return subprocess.run(
         args, capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=cwd
     )
-
-
-def lines_until(stream: IO[str], done: Callable[[str], bool], timeout: float) -> list[str]:
-    """Lines of `stream` up to the first that is `done`, or up to EOF or the deadline.
-
-    Reads the descriptor itself: a text stream's own buffer would hide lines from select().
-    """
-    fd = stream.fileno()
-    seen: list[str] = []
-    pending = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            *complete, pending = (pending + chunk).split(b"\n")
-            for raw in complete:
-                seen.append(raw.decode(errors="replace") + "\n")
-                if done(seen[-1]):
-                    return seen
-    return seen
 
 
 def require(result: subprocess.CompletedProcess[str], what: str) -> None:
