@@ -66,8 +66,9 @@ def test_smoke_run_adds_up(tmp_path: Path) -> None:
         assert run["ok"], (run["variant"], run["target"], run["error"], run["checks"])
         client, figures = run["client"], run["figures"]
         assert client["errors"] == client["corrupt"] == 0
-        # The harness's own clock agrees with the load generator's window.
-        assert close(run["load"]["sampled_window_s"], client["window_s"], 0.3)
+        # The harness's own clock agrees with the load generator's window (it samples /proc
+        # when told the window opened and closed, so a busy machine delays it a little).
+        assert close(run["load"]["sampled_window_s"], client["window_s"], 0.5)
         assert 0.4 < client["window_s"] < 1.5
         assert all(v >= 0 for v in figures.values())
     for target in ("meshgw", "direct"):
@@ -75,8 +76,8 @@ def test_smoke_run_adds_up(tmp_path: Path) -> None:
             run = by(doc, variant, target)
             client, figures, side = run["client"], run["figures"], run["backend"]["reply"]
             assert figures["conn_s"] > 100
-            # conn/s x duration ≈ connections made in the window
-            assert close(figures["conn_s"] * 0.5, client["completed_window"], 0.25)
+            # conn/s x the measured window = connections made in the window
+            assert close(figures["conn_s"] * client["window_s"], client["completed_window"], 0.01)
             # every connection's hello reached the backend verbatim; every reply came back
             assert side["hello_ok"] == client["completed"] + run["warmup"]["completed"]
             assert side["hello_bad"] == 0
