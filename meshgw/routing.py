@@ -16,7 +16,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from meshgw.topology import DEFAULT_PARTITION, Endpoint, GatewayKey, Topology
-from meshgw.wire.names import gateway_sni, server_sni, service_sni
+from meshgw.wire.names import (
+    GatewayName,
+    ServerName,
+    ServiceName,
+    gateway_sni,
+    parse_sni,
+    server_sni,
+    service_sni,
+)
 
 
 class RouteKind(enum.Enum):
@@ -183,8 +191,6 @@ class RouteTable:
         return f"{sni}: refused: {self._refusal(sni)}"
 
     def _refusal(self, sni: str) -> str:
-        from meshgw.wire.names import GatewayName, ServerName, ServiceName, parse_sni
-
         topo = self.topology
         parsed = parse_sni(sni, domain=topo.domain, trust_domain=topo.trust_domain)
         if parsed is None:

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -343,9 +343,6 @@ class Settings:
             raise SettingsError(
                 "--primary-gateway needs --primary-dc naming the primary datacenter"
             )
-
-    def with_changes(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
 
     @property
     def worker_count(self) -> int:

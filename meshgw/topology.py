@@ -90,10 +90,6 @@ class Topology:
     # Local mesh service instances, at their LAN addresses.
     services: Mapping[ServiceKey, tuple[Endpoint, ...]] = field(default_factory=_frozen)
 
-    @property
-    def remote_datacenters(self) -> list[str]:
-        return sorted({k.datacenter for k in self.gateways if k.datacenter != self.datacenter})
-
 
 def merge(
     parts: Iterable[TopologyPart],

@@ -75,6 +75,28 @@ _DURATION_UNITS |= {"m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
+# The registration `consul connect envoy -gateway=mesh -register -expose-servers` sends
+# (CONSUL.md §1, single-line illustration).
+GATEWAY_BODY: dict[str, Any] = {
+    "Kind": "mesh-gateway",
+    "ID": "mesh-gateway",
+    "Name": "mesh-gateway",
+    "Address": "10.0.0.5",
+    "Port": 8443,
+    "TaggedAddresses": {
+        "lan": {"Address": "10.0.0.5", "Port": 8443},
+        "wan": {"Address": "203.0.113.5", "Port": 443},
+    },
+    "Meta": {"consul-wan-federation": "1"},
+    "Check": {
+        "Name": "mesh-gateway listening",
+        "TCP": "10.0.0.5:8443",
+        "Interval": "10s",
+        "DeregisterCriticalServiceAfter": "6h",
+    },
+}
+
+
 def parse_go_duration(text: str) -> float:
     """Seconds in a Go duration ("10s", "5m", "1m30s", "500ms"); ValueError if malformed."""
     body = text.strip()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import random
 import ssl
 import time
@@ -18,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshgw.control.consul import (
     Backoff,
@@ -46,22 +40,13 @@ from meshgw.control.consul import (
     parse_duration,
     watch,
 )
-from tests.consul_double import AclToken, ConsulDouble
+from meshgw.tls.certs import create_ca, create_cert
+from tests.consul_double import GATEWAY_BODY, AclToken, ConsulDouble
 
 TOKEN = "b1gs3cr3t-0000-4000-8000-00000000f00d"
 FAST: dict[str, Any] = {
     "rate_limit": RateLimit(rate=float("inf")),
     "backoff": Backoff(base=0.01, cap=0.05),
-}
-GATEWAY_BODY: dict[str, Any] = {
-    "Kind": "mesh-gateway",
-    "ID": "mesh-gateway",
-    "Name": "mesh-gateway",
-    "Address": "10.0.0.5",
-    "Port": 8443,
-    "TaggedAddresses": {"wan": {"Address": "203.0.113.5", "Port": 443}},
-    "Meta": {"consul-wan-federation": "1"},
-    "Check": {"Name": "mesh-gateway listening", "TCP": "10.0.0.5:8443", "Interval": "10s"},
 }
 
 
@@ -662,78 +647,12 @@ class Pki:
     client_key: Path
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 def make_pki(directory: Path) -> Pki:
-    """A CA, a server certificate for 127.0.0.1 and consul.test, and a client certificate."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshgw test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(
-        name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
-    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        return cert, key
-
-    server, server_key = leaf(
-        "server.dc1.consul",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName("consul.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    client, client_key = leaf(
-        "client.dc1.consul", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("client.dc1.consul")]
-    )
-    pem = serialization.Encoding.PEM
+    """A CA, a server certificate for 127.0.0.1 and consul.test, and a client certificate,
+    made by `meshgw tls` itself."""
+    ca = create_ca()
+    server = create_cert(ca, "server", additional_dnsnames=("consul.test",))
+    client = create_cert(ca, "client")
     ca_dir = directory / "ca.d"
     ca_dir.mkdir()
     pki = Pki(
@@ -744,10 +663,10 @@ def make_pki(directory: Path) -> Pki:
         client_cert=directory / "client.pem",
         client_key=directory / "client-key.pem",
     )
-    pki.ca.write_bytes(ca_cert.public_bytes(pem))
-    (ca_dir / "consul-agent-ca.pem").write_bytes(ca_cert.public_bytes(pem))
-    pki.server_cert.write_bytes(server.public_bytes(pem))
-    _write_key(pki.server_key, server_key)
-    pki.client_cert.write_bytes(client.public_bytes(pem))
-    _write_key(pki.client_key, client_key)
+    pki.ca.write_bytes(ca.cert_pem)
+    (ca_dir / "consul-agent-ca.pem").write_bytes(ca.cert_pem)
+    pki.server_cert.write_bytes(server.cert_pem)
+    pki.server_key.write_bytes(server.key_pem)
+    pki.client_cert.write_bytes(client.cert_pem)
+    pki.client_key.write_bytes(client.key_pem)
     return pki

@@ -25,6 +25,7 @@ from cryptography import x509
 from multidict import CIMultiDictProxy
 
 from tests.consul_double import (
+    GATEWAY_BODY,
     AclToken,
     ConsulDouble,
     ConsulDoubleThread,
@@ -36,27 +37,6 @@ from tests.consul_double import (
 REPO = Path(__file__).resolve().parent.parent
 GW_TOKEN = "4f6c1c3e-0000-4000-8000-00000000beef"
 READ_TOKEN = "9a1d2e3f-0000-4000-8000-00000000cafe"
-
-# The registration `consul connect envoy -gateway=mesh -register -expose-servers` sends
-# (CONSUL.md §1, single-line illustration).
-GATEWAY_BODY: dict[str, Any] = {
-    "Kind": "mesh-gateway",
-    "ID": "mesh-gateway",
-    "Name": "mesh-gateway",
-    "Address": "10.0.0.5",
-    "Port": 8443,
-    "TaggedAddresses": {
-        "lan": {"Address": "10.0.0.5", "Port": 8443},
-        "wan": {"Address": "203.0.113.5", "Port": 443},
-    },
-    "Meta": {"consul-wan-federation": "1"},
-    "Check": {
-        "Name": "mesh-gateway listening",
-        "TCP": "10.0.0.5:8443",
-        "Interval": "10s",
-        "DeregisterCriticalServiceAfter": "6h",
-    },
-}
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import WAIT, closed_by_peer, connect, recv_all
-from tests.consul_double import AclToken, ConsulDoubleThread
+from tests.consul_double import GATEWAY_BODY, AclToken, ConsulDoubleThread
 from tests.hellos import python_hello
 
 TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
@@ -99,24 +99,7 @@ def test_registration_body_is_consuls_own(consul, gateway_factory) -> None:
     )
     double.wait_for_request("/v1/agent/service/register")
     body = double.find_requests("/v1/agent/service/register")[0].json
-    assert body == {
-        "Kind": "mesh-gateway",
-        "ID": "mesh-gateway",
-        "Name": "mesh-gateway",
-        "Address": "10.0.0.5",
-        "Port": 8443,
-        "TaggedAddresses": {
-            "lan": {"Address": "10.0.0.5", "Port": 8443},
-            "wan": {"Address": "203.0.113.5", "Port": 443},
-        },
-        "Meta": {"consul-wan-federation": "1"},
-        "Check": {
-            "Name": "mesh-gateway listening",
-            "TCP": "10.0.0.5:8443",
-            "Interval": "10s",
-            "DeregisterCriticalServiceAfter": "6h",
-        },
-    }
+    assert body == GATEWAY_BODY
     assert double.agent_service("mesh-gateway") is not None
     assert gw.gateway is not None
 

@@ -464,7 +464,6 @@ class Listener:
         self.hello_deadlines = Deadlines(config.hello_timeout)
         self.connect_deadlines = Deadlines(config.connect_timeout)
         self.sock: socket.socket | None = None
-        self.draining = False
         self._accept_delay = 0.0
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -527,7 +526,6 @@ class Listener:
     async def drain(self, timeout: float) -> int:
         """Stop accepting, let open connections finish for up to `timeout` seconds, then close
         the rest. Returns how many had to be closed."""
-        self.draining = True
         self.stop_accepting()
         if self.connections:
             self._idle = asyncio.Event()

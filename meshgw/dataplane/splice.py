@@ -23,7 +23,7 @@ PIPE_CAPACITY = 256 * 1024
 class PipePool:
     """Non-blocking pipes kept for reuse; at most `max_free` idle pipes are kept open."""
 
-    __slots__ = ("_free", "_max_free", "capacity", "created")
+    __slots__ = ("_free", "_max_free", "capacity")
 
     def __init__(self, max_free: int = 64, capacity: int = PIPE_CAPACITY) -> None:
         self._free: list[tuple[int, int]] = []
@@ -31,7 +31,6 @@ class PipePool:
         # 0 keeps the kernel default (64 KiB). Every pipe counts against the per-user pipe page
         # quota; when a larger one is refused, the default is used from then on.
         self.capacity = capacity
-        self.created = 0
 
     def take(self) -> tuple[int, int]:
         if self._free:
@@ -42,7 +41,6 @@ class PipePool:
                 fcntl.fcntl(write_end, F_SETPIPE_SZ, self.capacity)
             except OSError:
                 self.capacity = 0  # above pipe-max-size or the user's quota: keep the default
-        self.created += 1
         return read_end, write_end
 
     def give(self, pipe: tuple[int, int]) -> None:
@@ -60,7 +58,3 @@ class PipePool:
     def close(self) -> None:
         while self._free:
             self.discard(self._free.pop())
-
-    @property
-    def idle(self) -> int:
-        return len(self._free)
