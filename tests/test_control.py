@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from meshgw.control.registrar import GatewayRegistration, Registrar
 from tests.conftest import WAIT, closed_by_peer, connect, recv_all
 from tests.consul_double import GATEWAY_BODY, AclToken, ConsulDoubleThread
 from tests.hellos import python_hello
@@ -132,6 +135,39 @@ def test_agent_losing_the_registration_gets_it_back(consul, gateway_factory) -> 
     assert double.agent_service("mesh-gateway") is not None
 
 
+class StalledRegisterClient:
+    """A Consul client whose register PUT never answers: the agent may or may not apply it."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.register_sent = asyncio.Event()
+
+    async def put(self, path: str, body: Any = None) -> None:
+        self.paths.append(path)
+        if path.endswith("/register"):
+            self.register_sent.set()
+            await asyncio.Event().wait()
+
+
+async def test_stop_during_a_register_in_flight_still_deregisters() -> None:
+    client = StalledRegisterClient()
+    registrar = Registrar(client, GatewayRegistration())  # type: ignore[arg-type]
+    task = asyncio.create_task(registrar.run())
+    await asyncio.wait_for(client.register_sent.wait(), WAIT)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await registrar.deregister()
+    assert client.paths[-1] == "/v1/agent/service/deregister/mesh-gateway"
+
+
+async def test_stop_before_any_register_sends_nothing() -> None:
+    client = StalledRegisterClient()
+    registrar = Registrar(client, GatewayRegistration())  # type: ignore[arg-type]
+    await registrar.deregister()
+    assert client.paths == []
+
+
 def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
     double = consul()
     gw = gateway_process(
@@ -139,7 +175,8 @@ def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-timeout", "5",
     ).wait_listening()  # fmt: skip
     double.wait_for_request("/v1/agent/service/register")
-    held = connect(gw.port)  # a connection still in its hello phase keeps the drain open
+    held = connect(gw.port)
+    held.sendall(b"\x16")  # a hello begun and never finished keeps the drain open
     try:
         gw.signal(signal.SIGTERM)
         gw.wait_for("deregistered from Consul")

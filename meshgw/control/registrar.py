@@ -89,6 +89,9 @@ class Registrar:
         self.backoff = backoff
         self.on_state = on_state
         self.registered = False
+        # Set before the first PUT leaves: a stop that cancels a register still in flight must
+        # deregister, since the agent may have applied it.
+        self._attempted = False
         self._failures = 0
         self._wake = asyncio.Event()
 
@@ -102,6 +105,7 @@ class Registrar:
         self._wake.clear()
 
     async def register(self) -> None:
+        self._attempted = True
         await self.client.put("/v1/agent/service/register", self.registration.body())
         if not self.registered:
             log.info(
@@ -142,7 +146,7 @@ class Registrar:
 
     async def deregister(self, timeout: float = 5.0) -> None:
         """Remove the registration so Consul stops sending traffic here. Bounded in time."""
-        if not self.registered:
+        if not self._attempted:
             return
         path = f"/v1/agent/service/deregister/{self.registration.id}"
         try:
