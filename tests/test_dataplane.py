@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import signal
@@ -558,6 +559,37 @@ def test_no_descriptor_growth_after_thousands_of_mixed_connections(
     # The pipe pool may keep a few idle pipes (two descriptors each) for reuse.
     assert open_fds(gw.proc.pid) <= baseline + 2 * 64
     assert metric(gw.admin_port, "meshgw_rejections_total", reason="hello_timeout") == 500
+
+
+def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factory, backend_factory):
+    """A connection and its flows go as soon as it closes: no garbage left for the collector,
+    whose walks over thousands of connections would cost every connection CPU."""
+    from meshgw.dataplane.listener import Connection
+    from meshgw.dataplane.pump import Flow
+
+    def reply(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"hi")
+
+    server = backend_factory(reply)
+    gw = gateway_factory(expose_servers=True, servers=[f"n={server.address}"])
+    hello = python_hello("n.server.dc1.consul")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # keep what the collector finds, to look at it
+    try:
+        for _ in range(50):
+            with connect(gw.port) as client:
+                client.sendall(hello)
+                assert recv_all(client) == b"hi"
+        gw.wait_idle()
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, Connection | Flow)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 def test_out_of_descriptors_pauses_accepting_without_spinning(gateway_process, backend_factory):

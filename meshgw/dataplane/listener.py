@@ -413,6 +413,9 @@ class Connection:
         listener.connection_closed(self)
         if listener.config.access_log and access_log.isEnabledFor(logging.INFO):
             self._log(outcome, detail)
+        # The flows point back here: cut the cycle so reference counting frees the connection
+        # now, rather than the cyclic collector walking thousands of them later.
+        self.up = self.down = None
 
     def _log(self, outcome: str, detail: str) -> None:
         hello, route, target = self.hello, self.route, self.target
