@@ -149,12 +149,10 @@ class ControlPlane:
         )
 
     def reload(self, settings: Settings) -> None:
-        """SIGHUP: register again with what the new settings say (same ID: updated in place)."""
+        """SIGHUP: register again with what the new settings say."""
         self.settings = settings
         if self.registrar is not None:
-            self.registrar.registration = self.registration(settings)
-            self.registrar.registered = False
-            self.registrar.wake()
+            self.registrar.replace(self.registration(settings))
 
     def watch_status(self) -> dict[str, Any]:
         if self.discovery is None:

@@ -379,3 +379,28 @@ def test_sighup_reloads_routes_and_registration(consul, gateway_process, tmp_pat
     assert body["TaggedAddresses"]["wan"] == {"Address": "198.51.100.7", "Port": 8443}
     assert route_targets(gw.admin_port, "s2.server.dc1.consul") == ["127.0.0.1:8301"]
     assert route_targets(gw.admin_port, "s1.server.dc1.consul") == []
+
+
+def test_sighup_with_a_new_service_id_removes_the_old_registration(
+    consul, gateway_process, tmp_path
+) -> None:
+    double = consul()
+    config = tmp_path / "meshgw.toml"
+    config.write_text('dc = "dc1"\nexpose_servers = true\nregister = true\n')
+    gw = gateway_process(
+        "--config", str(config), "--consul", double.url,
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+    ).wait_listening()  # fmt: skip
+    double.wait_for_request("/v1/agent/service/register")
+    assert double.agent_service("mesh-gateway") is not None
+    config.write_text(
+        'dc = "dc1"\nexpose_servers = true\nregister = true\nproxy_id = "mesh-gateway-east"\n'
+    )
+    gw.signal(signal.SIGHUP)
+    double.wait_for_request("/v1/agent/service/register", count=2)
+    # The old entry would keep passing its TCP check on the same port: a phantom gateway.
+    assert double.agent_service("mesh-gateway") is None
+    assert double.agent_service("mesh-gateway-east") is not None
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit(WAIT) == 0
+    assert double.agent_service("mesh-gateway-east") is None

@@ -92,6 +92,7 @@ class Registrar:
         # Set before the first PUT leaves: a stop that cancels a register still in flight must
         # deregister, since the agent may have applied it.
         self._attempted = False
+        self._replaced_ids: list[str] = []  # registered under an ID the settings no longer use
         self._failures = 0
         self._wake = asyncio.Event()
 
@@ -99,12 +100,24 @@ class Registrar:
         """Check the registration now rather than at the next interval."""
         self._wake.set()
 
+    def replace(self, registration: GatewayRegistration) -> None:
+        """Register what new settings say, now. The same ID is updated in place by the agent;
+        a new one would leave the old entry passing its check on the same port, so it goes."""
+        if registration.id != self.registration.id and self._attempted:
+            self._replaced_ids.append(self.registration.id)
+        self.registration = registration
+        self.registered = False
+        self.wake()
+
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
     async def register(self) -> None:
+        while self._replaced_ids:
+            await self._remove(self._replaced_ids[0])
+            self._replaced_ids.pop(0)
         self._attempted = True
         await self.client.put("/v1/agent/service/register", self.registration.body())
         if not self.registered:
@@ -146,17 +159,21 @@ class Registrar:
 
     async def deregister(self, timeout: float = 5.0) -> None:
         """Remove the registration so Consul stops sending traffic here. Bounded in time."""
-        if not self._attempted:
-            return
-        path = f"/v1/agent/service/deregister/{self.registration.id}"
-        try:
-            await asyncio.wait_for(self.client.put(path), timeout)
-        except ConsulNotFound:
-            pass  # newer agents answer 404 for an unknown ID: gone is what we wanted
-        except (ConsulRequestError, TimeoutError) as error:
-            log.error(
-                "deregistration failed (Consul removes the gateway once its check fails): %s", error
-            )
-            return
+        ids = [*self._replaced_ids, self.registration.id] if self._attempted else []
+        for service_id in ids:
+            try:
+                await asyncio.wait_for(self._remove(service_id), timeout)
+            except (ConsulRequestError, TimeoutError) as error:
+                log.error(
+                    "deregistration of %s failed (Consul removes it once its check fails): %s",
+                    service_id,
+                    error,
+                )
+        self._replaced_ids.clear()
         self.registered = False
-        log.info("deregistered from Consul", extra={"fields": {"id": self.registration.id}})
+
+    async def _remove(self, service_id: str) -> None:
+        # Newer agents answer 404 for an unknown ID: gone is what we wanted.
+        with contextlib.suppress(ConsulNotFound):
+            await self.client.put(f"/v1/agent/service/deregister/{service_id}")
+        log.info("deregistered from Consul", extra={"fields": {"id": service_id}})
