@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,42 @@ def test_smoke_run_adds_up(tmp_path: Path) -> None:
     # medians exist for both targets, and the goals were evaluated
     assert doc["summary"]["rate-classic"]["meshgw"]["conn_s"]["n"] == 1
     assert {g["goal"] for g in doc["goals"]} == {g.text for g in report.GOALS}
+
+
+def test_sigterm_stops_every_child_and_reports(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshgw", "bench", "--scenarios", "rr-1", "--against", "direct",
+         "--duration", "60", "--repeat", "1", "--json", str(tmp_path / "bench.json")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MESHGW_BENCH_LOADGEN": "python"},
+    )  # fmt: skip
+    try:
+        # No event says when the load runs: the load generator's process appearing is the sign
+        # (backend and proxy start before it).
+        deadline = time.monotonic() + SMOKE_LIMIT
+        while True:
+            tree = harness.process_tree(proc.pid)
+            if any(b"\0rr\0" in _cmdline(pid) for pid in tree):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "bench did not start"
+            time.sleep(0.05)
+        children = [pid for pid in tree if pid != proc.pid]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=SMOKE_LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted" in err
+    assert (tmp_path / "bench.json").exists()
+    assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_python_fallback_load_generator(tmp_path: Path) -> None:

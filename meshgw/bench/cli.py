@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,10 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _loadavg() -> str:
@@ -262,6 +267,9 @@ def bench_command(
     for note in notes:
         progress.note(f"note: {note}")
     runs: list[dict[str, Any]] = []
+    # SIGTERM (kill, a CI timeout) takes the Ctrl-C path: children stopped, the runs so far
+    # reported.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         for plan in plans:
             progress.start(plan.variant.name, plan.target, plan.repeat)

@@ -9,6 +9,7 @@ the proxy's whole process tree (nginx's workers, Envoy's threads).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -116,8 +117,14 @@ def free_port() -> int:
 # --- child processes --------------------------------------------------------------------------
 
 
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
 def _prepare_child(cpus: list[int] | None) -> Callable[[], None]:
     def prepare() -> None:  # runs in the child between fork and exec
+        if _libc is not None:  # never outlive the bench, even one killed with SIGKILL
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if cpus:
             os.sched_setaffinity(0, cpus)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
