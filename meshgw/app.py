@@ -32,38 +32,51 @@ from meshgw.topology import Source, Topology, TopologyPart, merge
 log = logging.getLogger("meshgw")
 
 # Descriptors kept for everything that is not a proxied connection (admin, Consul, logs, pipes).
-RESERVED_FDS = 256
+RESERVED_FDS = 256  # listeners, admin, Consul, logs, pipes: descriptors not for connections
+MAX_AUTO_CONNECTIONS = 65536  # per process, when the open-file limit would allow more
+MIN_AUTO_CONNECTIONS = 64
 
 
-def dataplane_config(settings: Settings) -> DataPlaneConfig:
+def dataplane_config(settings: Settings, max_connections: int) -> DataPlaneConfig:
     return DataPlaneConfig(
         hello_timeout=settings.hello_timeout,
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.idle_timeout,
         max_hello_bytes=settings.max_hello_bytes,
-        max_connections=settings.max_connections,
+        max_connections=max_connections,
         pump=settings.pump,
         access_log=settings.access_log,
     )
 
 
-def raise_fd_limit(max_connections: int) -> int:
-    """Lift the soft open-file limit towards what the connection cap needs (two per connection)."""
+def connection_cap(requested: int | None) -> int:
+    """The open-connection cap of each process, with the open-file limit raised to fit it.
+
+    A proxied connection holds two descriptors. Asked for a number, the soft limit is raised
+    towards what it needs (a warning if the hard limit is lower). By default (None) the soft
+    limit goes up to the hard one and the cap is what fits, at most MAX_AUTO_CONNECTIONS: the
+    way HAProxy derives maxconn from `ulimit -n`.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * max_connections + RESERVED_FDS
-    if soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
+    wanted = 2 * (requested or MAX_AUTO_CONNECTIONS) + RESERVED_FDS
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
+    if requested is None:
+        return max(MIN_AUTO_CONNECTIONS, (soft - RESERVED_FDS) // 2)
     if soft < wanted:
         log.warning(
             "open-file limit %d is below the %d that --max-connections %d needs; raise "
             "`ulimit -n` or lower --max-connections",
             soft,
             wanted,
-            max_connections,
+            requested,
         )
-    return soft
+    return requested
 
 
 class ControlPlane:
@@ -193,6 +206,7 @@ class Gateway:
         self.table = RouteTable.empty()
         self.listener: Listener | WorkerPool | None = None
         self.admin: AdminServer | None = None
+        self.max_connections = 0  # per process; settled at start, with the open-file limit
         self.control = ControlPlane(settings, self.update_part, self.metrics)
         self.stopping = asyncio.Event()
         self.update_part(settings.static_topology())
@@ -238,7 +252,7 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
-        raise_fd_limit(settings.max_connections)
+        self.max_connections = connection_cap(settings.max_connections)
         try:
             self.listener = await self._start_dataplane()
         except OSError as error:
@@ -262,6 +276,7 @@ class Gateway:
                     "dc": self.topology.datacenter if self.topology else None,
                     "pump": listener.pump_mode,
                     "workers": settings.worker_count,
+                    "max_connections": self.max_connections,
                     "expose_servers": settings.expose_servers,
                 }
             },
@@ -269,7 +284,7 @@ class Gateway:
 
     async def _start_dataplane(self) -> Listener | WorkerPool:
         settings = self.settings
-        config = dataplane_config(settings)
+        config = dataplane_config(settings, self.max_connections)
         host, port = settings.listen.host, settings.listen.port
         if settings.worker_count > 1:
             pool = WorkerPool(
@@ -334,7 +349,7 @@ class Gateway:
         except SettingsError as error:
             log.error("reload refused, keeping the running settings: %s", error)
             return
-        fixed = ("listen", "admin", "workers", "pump", "max_hello_bytes")
+        fixed = ("listen", "admin", "workers", "pump", "max_hello_bytes", "max_connections")
         changed = [name for name in fixed if getattr(new, name) != getattr(self.settings, name)]
         if changed:
             log.warning("reload: %s take effect only after a restart", ", ".join(changed))

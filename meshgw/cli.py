@@ -61,7 +61,7 @@ SETTINGS_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--idle-timeout", metavar="SECONDS", help=_help("idle_timeout")),
     click.option("--drain-timeout", metavar="SECONDS", help=_help("drain_timeout") + " [30]"),
     click.option("--max-hello-bytes", metavar="N", help=_help("max_hello_bytes") + " [65536]"),
-    click.option("--max-connections", metavar="N", help=_help("max_connections") + " [8192]"),
+    click.option("--max-connections", metavar="N|auto", help=_help("max_connections") + " [auto]"),
     click.option("--pump", help="auto | splice | userspace [auto]."),
     click.option("--workers", metavar="N|auto", help=_help("workers") + " [auto]"),
     click.option("--access-log/--no-access-log", default=None, help=_help("access_log")),

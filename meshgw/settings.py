@@ -120,6 +120,13 @@ def parse_positive_int(value: Any) -> int:
     return number
 
 
+def parse_max_connections(value: Any) -> int | None:
+    """A number, or "auto" (None): as many as the open-file limit allows."""
+    if str(value).strip().lower() == "auto":
+        return None
+    return parse_positive_int(value)
+
+
 def parse_workers(value: Any) -> int:
     """A number of processes, or "auto" (0): one per CPU this process may run on."""
     if str(value).strip().lower() in {"auto", "0"}:
@@ -262,7 +269,9 @@ class Settings:
     idle_timeout: float | None = _opt(None, parse_optional_seconds, "idle seconds (off)")
     drain_timeout: float = _opt(30.0, parse_seconds, "seconds to drain on SIGTERM")
     max_hello_bytes: int = _opt(DEFAULT_MAX_HELLO_BYTES, parse_positive_int, "ClientHello cap")
-    max_connections: int = _opt(8192, parse_positive_int, "concurrent connections cap")
+    max_connections: int | None = _opt(
+        None, parse_max_connections, "open connections per process, or auto (the fd limit's)"
+    )
     pump: str = _opt("auto", choice("auto", "splice", "userspace"), "how bytes are moved")
     workers: int = _opt(0, parse_workers, "worker processes on the port (auto: one per CPU)")
     # faces

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -434,6 +435,66 @@ def test_max_connections(gateway_factory):
             sock.close()
 
 
+class FakeLimits:
+    """RLIMIT_NOFILE as connection_cap sees it, without touching this process's own."""
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.soft, self.hard, self.refuse = soft, hard, refuse
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.soft, self.hard
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.soft, self.hard = limits
+
+
+@pytest.mark.parametrize(
+    ("requested", "soft", "hard", "cap", "soft_after"),
+    [
+        (None, 1024, 20000, (20000 - 256) // 2, 20000),  # auto: up to the hard limit
+        (None, 20000, 20000, (20000 - 256) // 2, 20000),
+        (None, 1024, resource.RLIM_INFINITY, 65536, 2 * 65536 + 256),  # at most 65,536
+        (None, 300, 300, 64, 300),  # a tiny limit still leaves a usable cap
+        (100, 1024, 20000, 100, 1024),  # enough already: left alone
+        (5000, 1024, 20000, 5000, 10256),  # raised to what the cap needs
+        (50000, 1024, 20000, 50000, 20000),  # as far as it goes (and a warning)
+    ],
+)
+def test_connection_cap_follows_the_open_file_limit(
+    monkeypatch, requested, soft, hard, cap, soft_after
+):
+    from meshgw import app
+
+    limits = FakeLimits(soft, hard)
+    monkeypatch.setattr(app.resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(app.resource, "setrlimit", limits.setrlimit)
+    assert app.connection_cap(requested) == cap
+    assert limits.soft == soft_after
+
+
+def test_connection_cap_when_the_limit_cannot_be_raised(monkeypatch, caplog):
+    from meshgw import app
+
+    limits = FakeLimits(1024, 20000, refuse=True)
+    monkeypatch.setattr(app.resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(app.resource, "setrlimit", limits.setrlimit)
+    assert app.connection_cap(None) == (1024 - 256) // 2
+    assert "cannot raise the open-file limit" in caplog.text
+
+
+def test_default_cap_is_what_the_descriptors_allow(gateway_process):
+    """9,000 idle connections fit one process under a 20,000 descriptor limit, as the
+    benchmark's idle scenario needs, without --max-connections."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    gw = gateway_process("--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+    gw.wait_listening()
+    found = gw.wait_for(r"max_connections=(\d+)")
+    expected = 65536 if hard == resource.RLIM_INFINITY else min(65536, (hard - 256) // 2)
+    assert int(found.group(1)) == expected
+
+
 def test_idle_timeout_closes_quiet_connections(gateway_factory, backend_factory):
     def hold(conn: socket.socket) -> None:
         recv_all(conn)
@@ -593,8 +654,6 @@ def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factor
 
 
 def test_out_of_descriptors_pauses_accepting_without_spinning(gateway_process, backend_factory):
-    import resource
-
     def reply(conn: socket.socket) -> None:
         conn.sendall(conn.recv(65536)[:3])
 

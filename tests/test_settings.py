@@ -23,6 +23,7 @@ def test_defaults_are_the_documented_ones() -> None:
         30,
     )
     assert s.max_hello_bytes == 65536
+    assert s.max_connections is None  # auto: sized from the open-file limit at start
     assert s.expose_servers is False
     assert s.domain == "consul"
 
@@ -44,6 +45,15 @@ def test_layers_flags_beat_env_beat_file(tmp_path) -> None:
     assert s.listen == Address("127.0.0.1", 9001)
     s = Settings.load({"gateways": ["dc3=[::1]:8443"]}, config=config)
     assert s.gateways == {"dc3": [Address("::1", 8443)]}
+
+
+def test_max_connections_is_a_number_or_auto(tmp_path) -> None:
+    assert Settings.load({"dc": "dc1", "max_connections": "auto"}).max_connections is None
+    env = {"MESHGW_DC": "dc1", "MESHGW_MAX_CONNECTIONS": "500"}
+    assert Settings.load({}, environ=env).max_connections == 500
+    config = tmp_path / "meshgw.toml"
+    config.write_text('dc = "dc1"\nmax_connections = 20000\n')
+    assert Settings.load({}, config=config).max_connections == 20000
 
 
 def test_env_lists_are_comma_separated() -> None:
