@@ -328,7 +328,7 @@ class Gateway:
         if listener is not None:
             listener.stop_accepting()
             self.metrics.draining.set(1)
-            open_now = listener.open_connections()
+            open_now = await listener.open_connections()
             timeout = self.settings.drain_timeout
             log.info(
                 "draining",

@@ -203,7 +203,15 @@ class GatewayProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(WAIT)
         if self.proc.stderr is not None:
+            self.lines.extend(
+                line.decode(errors="replace") + "\n"
+                for line in (self._partial + self.proc.stderr.read()).splitlines()
+            )
+            self._partial = b""
             self.proc.stderr.close()
+
+    def tracebacks(self) -> list[str]:
+        return [line for line in self.lines if line.startswith("Traceback")]
 
 
 @pytest.fixture
@@ -218,6 +226,9 @@ def gateway_process() -> Iterator[Callable[..., GatewayProcess]]:
     yield make
     for proc in started:
         proc.stop()
+    # Whatever a test did to it, a gateway never answers with a traceback.
+    for proc in started:
+        assert proc.tracebacks() == [], "".join(proc.lines)
 
 
 # --- loopback backends -------------------------------------------------------------------------

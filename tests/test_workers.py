@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 import urllib.request
 
 from meshgw.dataplane.workers import merge_metrics
@@ -29,6 +30,14 @@ def test_merge_metrics_sums_samples_and_labels_process_families() -> None:
     assert 'process_open_fds{worker="1"} 9.0' in merged
 
 
+def active_connections(admin_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=WAIT) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("meshgw_active_connections "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def test_two_workers_share_the_port_and_the_routes(gateway_process, backend_factory) -> None:
     def reply(conn: socket.socket) -> None:
         conn.sendall(conn.recv(65536)[:5])
@@ -51,7 +60,18 @@ def test_two_workers_share_the_port_and_the_routes(gateway_process, backend_fact
     )
     # The supervisor (worker="0") and both workers report their own process metrics.
     assert 'process_open_fds{worker="1"}' in text and 'process_open_fds{worker="2"}' in text
-    gw.signal(signal.SIGTERM)
+    # The drain counts what the workers hold: here one hello begun and never finished.
+    held = connect(gw.port)
+    try:
+        held.sendall(b"\x16")
+        deadline = time.monotonic() + WAIT
+        while active_connections(gw.admin_port) != 1:
+            assert time.monotonic() < deadline, "the held connection was never accepted"
+            time.sleep(0.02)
+        gw.signal(signal.SIGTERM)
+        gw.wait_for("draining open_connections=1 ")
+    finally:
+        held.close()
     assert gw.wait_exit(WAIT * 2) == 0
     refused = socket.socket()
     try:

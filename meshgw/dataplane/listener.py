@@ -513,7 +513,7 @@ class Listener:
     def listening(self) -> bool:
         return self.sock is not None
 
-    def open_connections(self) -> int | None:
+    async def open_connections(self) -> int:
         return len(self.connections)
 
     def set_table(self, table: RouteTable) -> None:
@@ -541,6 +541,7 @@ class Listener:
         return len(left)
 
     def close(self) -> None:
+        """Close everything now; safe to call again (drain ends with it, shutdown too)."""
         self.stop_accepting()
         for conn in list(self.connections):
             conn.close("shutdown")

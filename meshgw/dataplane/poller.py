@@ -59,6 +59,9 @@ class Poller:
                 handler(events)
 
     def close(self) -> None:
+        """Idempotent: drain and shutdown paths may both get here."""
+        if self._epoll.closed:
+            return
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
         self.handlers.clear()

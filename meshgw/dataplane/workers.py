@@ -136,8 +136,12 @@ class WorkerPool:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
-    def open_connections(self) -> int | None:
-        return None  # only the workers know; they say so in their own logs
+    async def open_connections(self) -> int:
+        running = [w for w in self.workers if w.writer is not None]
+        replies = await asyncio.gather(
+            *(w.request(("open",)) for w in running), return_exceptions=True
+        )
+        return sum(r[1] for r in replies if isinstance(r, tuple))
 
     def set_table(self, table: RouteTable) -> None:
         self.table = table
@@ -228,6 +232,8 @@ async def _worker_main(fd: int) -> None:
                 await send(writer, ("listening", listener.port))
             elif kind == "table" and listener is not None:
                 listener.set_table(RouteTable.build(message[1]))
+            elif kind == "open" and listener is not None:
+                await send(writer, ("open", await listener.open_connections()))
             elif kind == "metrics" and listener is not None:
                 await send(writer, ("metrics", generate_latest(listener.metrics.registry)))
             elif kind == "drain":
