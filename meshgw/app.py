@@ -294,6 +294,7 @@ class Gateway:
                 port,
                 settings.worker_count,
                 log_settings=(settings.log_format, settings.log_level),
+                metrics=self.metrics,
             )
             try:
                 await pool.start()

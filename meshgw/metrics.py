@@ -216,3 +216,8 @@ class Metrics:
             "1 while the gateway drains after SIGTERM.",
             registry=registry,
         )
+        self.worker_restarts = Counter(
+            "meshgw_worker_restarts",
+            "Worker processes that died and were started again.",
+            registry=registry,
+        )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 from meshgw.dataplane.workers import merge_metrics
 from tests.conftest import WAIT, connect, recv_all
@@ -78,3 +80,60 @@ def test_two_workers_share_the_port_and_the_routes(gateway_process, backend_fact
         assert refused.connect_ex(("127.0.0.1", gw.port)) != 0
     finally:
         refused.close()
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def test_a_worker_that_dies_is_replaced(gateway_process, backend_factory) -> None:
+    def reply(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(65536)[:5])
+
+    server = backend_factory(reply)
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
+        "--expose-servers", "--server", f"n={server.address}", "--no-access-log",
+    ).wait_listening()  # fmt: skip
+    before = worker_pids(gw.proc.pid)
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    gw.wait_for(rf"worker \d \(pid {victim}\) died \(killed by SIGKILL\): starting another")
+    deadline = time.monotonic() + WAIT
+    while len(worker_pids(gw.proc.pid) - {victim}) < 2:
+        assert time.monotonic() < deadline, "no worker took the dead one's place"
+        time.sleep(0.02)
+    # Both workers answer /metrics again, and every connection is routed.
+    deadline = time.monotonic() + WAIT
+    while 'process_open_fds{worker="2"}' not in metrics_text(gw.admin_port):
+        assert time.monotonic() < deadline, "the new worker does not report"
+        time.sleep(0.02)
+    hello = python_hello("n.server.dc1.consul")
+    for _ in range(40):
+        with connect(gw.port) as client:
+            client.sendall(hello)
+            assert recv_all(client) == hello[:5]
+    assert "meshgw_worker_restarts_total 1.0" in metrics_text(gw.admin_port)
+    every_worker = before | worker_pids(gw.proc.pid)
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit(WAIT * 2) == 0
+    assert still_running_workers(every_worker) == set()
+
+
+def still_running_workers(pids: set[int]) -> set[int]:
+    """Of these pids, those still running as a meshgw worker (pids can be reused)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if b"meshgw.dataplane.workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.add(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def metrics_text(admin_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=WAIT) as r:
+        return r.read().decode()

@@ -20,7 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -50,14 +50,17 @@ async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:
 class Worker:
     """The supervisor's handle on one worker process."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, failures: int = 0) -> None:
         self.index = index
+        self.failures = failures  # predecessors in a row that died young
+        self.started = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.lock = asyncio.Lock()  # one request in flight per worker
 
     async def start(self, init: tuple[Any, ...]) -> int:
+        self.started = asyncio.get_running_loop().time()
         ours, theirs = socket.socketpair()
         env = {**os.environ, CHANNEL_FD_ENV: str(theirs.fileno())}
         self.proc = subprocess.Popen(
@@ -80,9 +83,12 @@ class Worker:
             return await receive(self.reader)
 
     async def tell(self, message: tuple[Any, ...]) -> None:
-        assert self.writer is not None
+        """Send without an answer; to a worker that died meanwhile, nothing (its successor
+        starts with the current state)."""
         async with self.lock:
-            await send(self.writer, message)
+            if self.writer is not None:
+                with contextlib.suppress(ConnectionError):
+                    await send(self.writer, message)
 
     async def wait(self, timeout: float) -> None:
         proc = self.proc
@@ -99,7 +105,12 @@ class Worker:
 
 
 class WorkerPool:
-    """Looks like a Listener to the gateway: set_table, drain, address, connections."""
+    """Looks like a Listener to the gateway: set_table, drain, address, connections.
+
+    A worker that dies (killed, out of memory) is noticed at once through a pidfd in the event
+    loop, logged, counted and started again with the current route table; one that keeps dying
+    is started again less and less often.
+    """
 
     def __init__(
         self,
@@ -109,28 +120,77 @@ class WorkerPool:
         port: int,
         n: int,
         log_settings: tuple[str, str] = ("text", "info"),
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.log_settings = log_settings
         self.table = table
         self.host, self.port = host, port
-        self.workers = [Worker(i) for i in range(n)]
+        self.workers = [Worker(i + 1) for i in range(n)]
         self.listening = False
         self.pump_mode = config.pump
+        self.supervisor_metrics = metrics
+        self.draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._replacing: set[asyncio.Task[None]] = set()
+
+    def _init_message(self) -> tuple[Any, ...]:
+        return ("init", self.config, self.table.topology, self.host, self.port, self.log_settings)
 
     async def start(self) -> None:
         # The first worker binds (maybe port 0); the others join the port it got.
         for worker in self.workers:
-            init = (
-                "init",
-                self.config,
-                self.table.topology,
-                self.host,
-                self.port,
-                self.log_settings,
-            )
-            self.port = await worker.start(init)
+            self.port = await worker.start(self._init_message())
+            self._watch(worker)
         self.listening = True
+
+    def _watch(self, worker: Worker) -> None:
+        assert worker.proc is not None
+        if not hasattr(os, "pidfd_open"):  # Linux < 5.3: dead workers are not replaced
+            return
+        pidfd = os.pidfd_open(worker.proc.pid)
+        asyncio.get_running_loop().add_reader(pidfd, self._exited, worker, pidfd)
+
+    def _exited(self, worker: Worker, pidfd: int) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        assert worker.proc is not None
+        status = worker.proc.wait()  # it has exited: this only reaps it
+        if worker.writer is not None:
+            worker.writer.close()
+            worker.writer = None
+        if self.draining:
+            return
+        how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+        log.error(
+            "worker %d (pid %d) died (%s): starting another", worker.index, worker.proc.pid, how
+        )
+        if self.supervisor_metrics is not None:
+            self.supervisor_metrics.worker_restarts.inc()
+        task = loop.create_task(self._replace(worker))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, dead: Worker) -> None:
+        # A worker that lived a while is replaced at once; one that keeps dying young, after
+        # a growing pause (at most a minute), so a crash loop does not become a fork loop.
+        lived = asyncio.get_running_loop().time() - dead.started
+        failures = dead.failures + 1 if lived < 10.0 else 0
+        await asyncio.sleep(min(60.0, 0.5 * (2**failures - 1)))
+        worker = Worker(dead.index, failures)
+        self.workers[self.workers.index(dead)] = worker
+        try:
+            await worker.start(self._init_message())
+        except (OSError, ConnectionError, asyncio.IncompleteReadError) as error:
+            log.error("worker %d could not start: %s", worker.index, error)
+        except asyncio.CancelledError:
+            if worker.proc is not None:  # the drain began while it was starting
+                worker.proc.kill()
+                worker.proc.wait()
+            raise
+        if worker.proc is not None:
+            self._watch(worker)  # if it died already, this reports it and tries again
 
     @property
     def address(self) -> tuple[str, int]:
@@ -146,17 +206,28 @@ class WorkerPool:
     def set_table(self, table: RouteTable) -> None:
         self.table = table
         for worker in self.workers:
-            asyncio.get_running_loop().create_task(worker.tell(("table", table.topology)))
+            self._spawn(worker.tell(("table", table.topology)))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._tasks.discard)
 
     async def metrics(self) -> list[bytes]:
-        replies = await asyncio.gather(*(w.request(("metrics",)) for w in self.workers))
-        return [reply[1] for reply in replies]
+        running = [w for w in self.workers if w.writer is not None]
+        replies = await asyncio.gather(
+            *(w.request(("metrics",)) for w in running), return_exceptions=True
+        )
+        return [reply[1] for reply in replies if isinstance(reply, tuple)]
 
     def stop_accepting(self) -> None:
         """Drain stops accepting first; a separate message is not needed."""
 
     async def drain(self, timeout: float) -> int:
         self.listening = False
+        self.draining = True
+        for task in self._replacing:
+            task.cancel()
         running = [w for w in self.workers if w.writer is not None]
         replies = await asyncio.gather(
             *(w.request(("drain", timeout)) for w in running), return_exceptions=True
