@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from meshgw.cpus import available_cpus
 from meshgw.topology import (
     DEFAULT_PARTITION,
     Endpoint,
@@ -128,17 +129,11 @@ def parse_max_connections(value: Any) -> int | None:
 
 
 def parse_workers(value: Any) -> int:
-    """A number of processes, or "auto" (0): one per CPU this process may run on."""
+    """A number of processes, or "auto" (0): one per CPU this process may use (affinity and
+    container CPU quota)."""
     if str(value).strip().lower() in {"auto", "0"}:
         return 0
     return parse_positive_int(value)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def parse_bool(value: Any) -> bool:
