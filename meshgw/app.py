@@ -350,7 +350,16 @@ class Gateway:
         except SettingsError as error:
             log.error("reload refused, keeping the running settings: %s", error)
             return
-        fixed = ("listen", "admin", "workers", "pump", "max_hello_bytes", "max_connections")
+        fixed = (
+            "listen",
+            "admin",
+            "workers",
+            "pump",
+            "max_hello_bytes",
+            "max_connections",
+            "log_format",
+            "log_level",
+        )
         changed = [name for name in fixed if getattr(new, name) != getattr(self.settings, name)]
         if changed:
             log.warning("reload: %s take effect only after a restart", ", ".join(changed))

@@ -404,3 +404,15 @@ def test_sighup_with_a_new_service_id_removes_the_old_registration(
     gw.signal(signal.SIGTERM)
     assert gw.wait_exit(WAIT) == 0
     assert double.agent_service("mesh-gateway-east") is None
+
+
+def test_sighup_names_the_settings_that_need_a_restart(gateway_process, tmp_path) -> None:
+    config = tmp_path / "meshgw.toml"
+    config.write_text('dc = "dc1"\nmax_connections = 100\n')
+    gw = gateway_process(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"
+    ).wait_listening()  # fmt: skip
+    config.write_text('dc = "dc1"\nmax_connections = 200\nlog_level = "debug"\n')
+    gw.signal(signal.SIGHUP)
+    gw.wait_for("reload: max_connections, log_level take effect only after a restart")
+    gw.wait_for("settings reloaded")
