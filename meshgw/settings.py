@@ -265,10 +265,12 @@ class Settings:
     drain_timeout: float = _opt(30.0, parse_seconds, "seconds to drain on SIGTERM")
     max_hello_bytes: int = _opt(DEFAULT_MAX_HELLO_BYTES, parse_positive_int, "ClientHello cap")
     max_connections: int | None = _opt(
-        None, parse_max_connections, "open connections per process, or auto (the fd limit's)"
+        None,
+        parse_max_connections,
+        "open connections per process (auto: what the open-file limit allows)",
     )
     pump: str = _opt("auto", choice("auto", "splice", "userspace"), "how bytes are moved")
-    workers: int = _opt(0, parse_workers, "worker processes on the port (auto: one per CPU)")
+    workers: int = _opt(0, parse_workers, "worker processes on the port (auto: one per usable CPU)")
     # faces
     admin: Address = _opt(Address("127.0.0.1", 19100), parse_listen, "admin/metrics address")
     access_log: bool = _opt(True, parse_bool, "one log line per connection")
