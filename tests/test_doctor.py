@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 from meshgw.cli import main
 from meshgw.control.catalog import AgentIdentity
 from meshgw.control.consul import ConsulForbidden, ConsulHTTPError, ConsulTimeout
-from meshgw.doctor import (
+from meshgw.doctor.checks import (
     FEDERATION_STATE,
     GATEWAYS,
     Failure,
@@ -29,8 +29,8 @@ from meshgw.doctor import (
     check_forwarding,
     check_gateways,
     check_names,
-    name_matches,
 )
+from meshgw.doctor.tls import name_matches
 from meshgw.tls.certs import create_ca, create_cert
 from tests.consul_double import AclToken, ConsulDoubleThread, mesh_gateway_node
 

@@ -1,0 +1,138 @@
+"""The `meshgw doctor` click command: flags to `DoctorOptions`, `gather`, print, exit status."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from meshgw.doctor.checks import Status
+from meshgw.doctor.runner import gather, render_json, render_text
+from meshgw.doctor.tls import DoctorOptions, tls_context
+from meshgw.settings import parse_address, parse_seconds
+
+__all__ = ["doctor_command"]
+
+# --- the command ----------------------------------------------------------------------------
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _usage(message: str) -> None:
+    click.echo(f"meshgw: error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _options(
+    gateways: Sequence[str],
+    ca_file: str | None,
+    cert: str | None,
+    key: str | None,
+    timeout: str,
+) -> DoctorOptions:
+    """Flags → options; raises ValueError with a one-line message naming the flag."""
+    addresses = []
+    for text in gateways:
+        try:
+            address = parse_address(text)
+        except ValueError as error:
+            raise ValueError(f"--gateway {text!r}: {error}") from None
+        addresses.append((address.host, address.port))
+    try:
+        seconds = parse_seconds(timeout)
+    except ValueError as error:
+        raise ValueError(f"--timeout: {error}") from None
+    if seconds <= 0:
+        raise ValueError(f"--timeout {timeout!r}: give a positive number of seconds")
+    if (cert is None) != (key is None):
+        raise ValueError("--cert and --key go together: give both, or neither")
+    if cert is not None and ca_file is None:
+        raise ValueError(
+            "--cert/--key need --ca-file: the TLS check verifies the servers against that CA"
+        )
+    for flag, path in (("--ca-file", ca_file), ("--cert", cert), ("--key", key)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    return DoctorOptions(tuple(addresses), ca_file, cert, key, seconds)
+
+
+@click.command("doctor")
+@click.option(
+    "--consul",
+    metavar="URL",
+    help="Consul agent HTTP address [CONSUL_HTTP_ADDR, else http://127.0.0.1:8500].",
+)
+@click.option(
+    "--token-file",
+    metavar="PATH",
+    help="File holding the ACL token [CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE].",
+)
+@click.option(
+    "--gateway",
+    "gateways",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Local gateway to run the TLS check through (repeatable) [the local datacenter's "
+    "wanfed gateways from the catalog, at their LAN address].",
+)
+@click.option(
+    "--ca-file",
+    metavar="PATH",
+    help="CA of the servers' certificates (consul-agent-ca.pem); without it the TLS check is "
+    "skipped.",
+)
+@click.option(
+    "--cert",
+    metavar="PATH",
+    help="Client certificate for the TLS check: a server certificate of the local datacenter, "
+    "as a Consul server presents.",
+)
+@click.option("--key", metavar="PATH", help="Private key of --cert.")
+@click.option(
+    "--timeout",
+    metavar="SECONDS",
+    default="5",
+    show_default=True,
+    help="Bound on each Consul request and TLS handshake.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a JSON list of {check, subject, status, detail, fix}.",
+)
+def doctor_command(
+    consul: str | None,
+    token_file: str | None,
+    gateways: tuple[str, ...],
+    ca_file: str | None,
+    cert: str | None,
+    key: str | None,
+    timeout: str,
+    as_json: bool,
+) -> None:
+    """Check a WAN federation via mesh gateways, the way its bootstrap checklist does.
+
+    Asks the Consul agent (and, through a local gateway, the remote servers) whether every
+    datacenter has healthy wanfed gateways with WAN addresses, federation states, working ?dc=
+    forwarding, dot-free names and server certificates valid for their names. Exit status: 0
+    when nothing failed (skips allowed), 1 when a check failed, 2 for a usage error.
+    """
+    from meshgw.control.consul import ConsulConfig, ConsulConfigError
+
+    try:
+        config = ConsulConfig.from_env(address=consul, token_file=token_file)
+        options = _options(gateways, ca_file, cert, key, timeout)
+        context = tls_context(options) if options.ca_file is not None else None
+    except (ConsulConfigError, ValueError) as error:
+        _usage(str(error))
+        return
+    try:
+        checks = asyncio.run(gather(config, options, context))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    click.echo(render_json(checks) if as_json else render_text(checks))
+    sys.exit(EXIT_FAILED if any(c.status is Status.FAIL for c in checks) else EXIT_OK)

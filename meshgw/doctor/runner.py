@@ -1,0 +1,220 @@
+"""The runner: `gather` fetches the documents, runs the checks and the TLS probes; and the
+report's text and JSON renderings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from meshgw.doctor.checks import (
+    CHECK_ORDER,
+    FORWARDING,
+    GATEWAYS,
+    TLS,
+    Check,
+    Failure,
+    FailureKind,
+    Outcome,
+    Status,
+    check_agent,
+    check_datacenters,
+    check_federation_states,
+    check_forwarding,
+    check_gateways,
+    check_names,
+    check_wan_addresses,
+    gateway_inventory,
+    request_failure,
+    skipped,
+)
+from meshgw.doctor.tls import (
+    DoctorOptions,
+    Probe,
+    classify_probe,
+    local_gateway_addresses,
+    tls_probe,
+    tls_subjects,
+)
+from meshgw.wire.names import DEFAULT_DOMAIN
+
+if TYPE_CHECKING:
+    from meshgw.control.consul import ConsulConfig
+
+__all__ = [
+    "gather",
+    "render_json",
+    "render_text",
+]
+
+MAX_PROBES = 16  # concurrent TLS probes
+
+
+# --- the runner -----------------------------------------------------------------------------
+
+
+def not_run(reason: str) -> list[Check]:
+    return [skipped(check, "-", f"not run: {reason}") for check in CHECK_ORDER[1:]]
+
+
+async def gather(
+    config: ConsulConfig, options: DoctorOptions, context: ssl.SSLContext | None = None
+) -> list[Check]:
+    """Fetch what the checks need and run them; `context` is `tls_context(options)` (None
+    when there is no --ca-file). Every request and probe is bounded by options.timeout."""
+    from meshgw.control.consul import ConsulClient, ConsulRequestError
+
+    results: list[Check] = []
+    address = config.address
+    async with ConsulClient(config, timeout=options.timeout) as client:
+
+        async def fetch(path: str, dc: str | None = None) -> Outcome:
+            try:
+                return (await client.get(path, dc=dc)).body
+            except ConsulRequestError as error:
+                return Failure.of(error)
+
+        agent_checks, identity, acls = check_agent(address, await fetch("/v1/agent/self"))
+        results += agent_checks
+        if identity is None or identity.datacenter is None:
+            return results + not_run("the agent check failed, so its datacenter is unknown")
+        local = identity.datacenter
+        domain = identity.domain or DEFAULT_DOMAIN
+
+        dcs_doc, fed_gateways, fed_states, local_gateways, local_servers = await asyncio.gather(
+            fetch("/v1/catalog/datacenters"),
+            fetch("/v1/internal/federation-states/mesh-gateways"),
+            fetch("/v1/internal/federation-states"),
+            fetch("/v1/health/service/mesh-gateway"),
+            fetch("/v1/health/service/consul"),
+        )
+        dc_checks, datacenters = check_datacenters(address, identity, dcs_doc)
+        results += dc_checks
+        if datacenters is None:  # fall back on what the federation states know
+            known = fed_gateways if isinstance(fed_gateways, Mapping) else {}
+            datacenters = [local, *sorted(dc for dc in known if dc != local)]
+        remote = [dc for dc in datacenters if dc != local]
+        federation = fed_gateways if isinstance(fed_gateways, Mapping) else None
+
+        async def ask_remote(dc: str) -> tuple[Outcome, Outcome | None, Outcome | None]:
+            forwarding = await fetch("/v1/catalog/services", dc)
+            if isinstance(forwarding, Failure) and forwarding.kind is not FailureKind.FORBIDDEN:
+                # Every other ?dc= request would fail the same way.
+                return forwarding, None, forwarding
+            want_gateways = federation is None or dc not in federation
+            servers, gateways = await asyncio.gather(
+                fetch("/v1/health/service/consul", dc),
+                fetch("/v1/health/service/mesh-gateway", dc) if want_gateways else _none(),
+            )
+            return forwarding, servers, gateways
+
+        answers = dict(zip(remote, await asyncio.gather(*map(ask_remote, remote)), strict=True))
+
+    # Gateways (2, 3).
+    if isinstance(fed_gateways, Failure) and fed_gateways.kind is FailureKind.FORBIDDEN:
+        results.append(request_failure(GATEWAYS, local, fed_gateways))
+    catalogs: dict[str, Outcome] = {local: local_gateways}
+    catalogs |= {dc: answer[2] for dc, answer in answers.items()}
+    inventory = gateway_inventory(datacenters, fed_gateways, catalogs)
+    for dc in datacenters:
+        results += check_gateways(dc, inventory[dc], acls=acls)
+    for dc in datacenters:
+        results += check_wan_addresses(dc, inventory[dc])
+    # Federation states (4).
+    results += check_federation_states(local, datacenters, fed_states)
+    # Forwarding (5).
+    for dc in remote:
+        results.append(check_forwarding(local, dc, answers[dc][0], options.timeout))
+    if not remote:
+        results.append(skipped(FORWARDING, local, "no remote datacenter is known"))
+    # Names (6).
+    servers: dict[str, Outcome | None] = {local: local_servers}
+    servers |= {dc: answer[1] for dc, answer in answers.items()}
+    for dc in datacenters:
+        why = f"?dc={dc} requests fail, so {dc}'s servers cannot be listed"
+        results += check_names(dc, servers.get(dc), why)
+    # TLS through the local gateway (7).
+    results += await tls_checks(local, domain, remote, local_gateways, servers, options, context)
+    order = {name: i for i, name in enumerate(CHECK_ORDER)}
+    return sorted(results, key=lambda c: order.get(c.check, len(order)))  # stable
+
+
+async def _none() -> None:
+    return None
+
+
+async def tls_checks(
+    local: str,
+    domain: str,
+    remote: Sequence[str],
+    local_gateways: Outcome,
+    servers: Mapping[str, Outcome | None],
+    options: DoctorOptions,
+    context: ssl.SSLContext | None,
+) -> list[Check]:
+    if context is None:
+        return [
+            skipped(
+                TLS,
+                "-",
+                "skipped: no --ca-file, and a certificate cannot be checked for server.<dc>."
+                f"{domain} without the CA that signed it (pass --ca-file consul-agent-ca.pem)",
+            )
+        ]
+    if not remote:
+        return [skipped(TLS, "-", "no remote datacenter to reach")]
+    gateways = list(options.gateways) or local_gateway_addresses(local_gateways)
+    if not gateways and isinstance(local_gateways, Failure):
+        return [skipped(TLS, "-", f"cannot list {local}'s gateways ({local_gateways})")]
+    if not gateways:
+        return [
+            skipped(
+                TLS,
+                "-",
+                f"no healthy wanfed gateway of {local} in the catalog to test through "
+                "(pass --gateway HOST:PORT)",
+            )
+        ]
+    results: list[Check] = []
+    targets: list[tuple[str, str, str, int]] = []  # dc, name, host, port
+    for dc in remote:
+        names, notes = tls_subjects(dc, domain, servers.get(dc))
+        results += notes
+        targets += [(dc, name, host, port) for name in names for host, port in gateways]
+    limit = asyncio.Semaphore(MAX_PROBES)
+    with_cert = options.cert is not None
+
+    async def run(host: str, port: int, name: str) -> Probe:
+        async with limit:
+            return await tls_probe(host, port, name, context, options.timeout, with_cert=with_cert)
+
+    probes = await asyncio.gather(*(run(host, port, name) for _, name, host, port in targets))
+    for (dc, *_), probe in zip(targets, probes, strict=True):
+        results.append(classify_probe(probe, dc, local, with_cert=with_cert))
+    return results
+
+
+# --- output ---------------------------------------------------------------------------------
+
+MARKS = {Status.PASS: "PASS", Status.FAIL: "FAIL", Status.SKIP: "SKIP"}
+
+
+def render_text(checks: Iterable[Check]) -> str:
+    checks = list(checks)
+    width = max((len(c.check) for c in checks), default=0)
+    lines = []
+    for c in checks:
+        lines.append(f"{MARKS[c.status]}  {c.check:<{width}}  {c.subject}: {c.detail}")
+        if c.fix:
+            lines.append(f"{'':4}  {'':<{width}}  fix: {c.fix}")
+    counts = {s: sum(1 for c in checks if c.status is s) for s in Status}
+    lines.append(
+        f"{counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped"
+    )
+    return "\n".join(lines)
+
+
+def render_json(checks: Iterable[Check]) -> str:
+    return json.dumps([c.to_json() for c in checks], indent=2)
