@@ -9,6 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from meshgw.dataplane.workers import merge_metrics
 from tests.conftest import WAIT, connect, recv_all
 from tests.hellos import python_hello
@@ -32,94 +34,53 @@ def test_merge_metrics_sums_samples_and_labels_process_families() -> None:
     assert 'process_open_fds{worker="1"} 9.0' in merged
 
 
-def active_connections(admin_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=WAIT) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("meshgw_active_connections "):
-                return float(line.split()[1])
-    return 0.0
+HELLO = python_hello("n.server.dc1.consul")
 
 
-def test_two_workers_share_the_port_and_the_routes(gateway_process, backend_factory) -> None:
+@pytest.fixture
+def two_workers(gateway_process, backend_factory):
+    """A gateway of two worker processes in front of a server that answers 5 bytes."""
+
     def reply(conn: socket.socket) -> None:
         conn.sendall(conn.recv(65536)[:5])
 
     server = backend_factory(reply)
-    gw = gateway_process(
+    return gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
         "--expose-servers", "--server", f"n={server.address}", "--no-access-log",
     ).wait_listening()  # fmt: skip
-    hello = python_hello("n.server.dc1.consul")
-    for _ in range(40):
-        with connect(gw.port) as client:
-            client.sendall(hello)
-            assert recv_all(client) == hello[:5]
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=WAIT) as r:
-        text = r.read().decode()
-    assert (
-        'meshgw_connections_total{datacenter="dc1",outcome="closed",route_kind="local_server"} 40.0'
-        in text
-    )
-    # The supervisor (worker="0") and both workers report their own process metrics.
-    assert 'process_open_fds{worker="1"}' in text and 'process_open_fds{worker="2"}' in text
-    # The drain counts what the workers hold: here one hello begun and never finished.
-    held = connect(gw.port)
-    try:
-        held.sendall(b"\x16")
-        deadline = time.monotonic() + WAIT
-        while active_connections(gw.admin_port) != 1:
-            assert time.monotonic() < deadline, "the held connection was never accepted"
-            time.sleep(0.02)
-        gw.signal(signal.SIGTERM)
-        gw.wait_for("draining open_connections=1 ")
-    finally:
-        held.close()
-    assert gw.wait_exit(WAIT * 2) == 0
-    refused = socket.socket()
-    try:
-        assert refused.connect_ex(("127.0.0.1", gw.port)) != 0
-    finally:
-        refused.close()
+
+
+def route_some(port: int, count: int = 40) -> None:
+    for _ in range(count):
+        with connect(port) as client:
+            client.sendall(HELLO)
+            assert recv_all(client) == HELLO[:5]
+
+
+def metrics_text(admin_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=WAIT) as r:
+        return r.read().decode()
+
+
+def active_connections(admin_port: int) -> float:
+    for line in metrics_text(admin_port).splitlines():
+        if line.startswith("meshgw_active_connections "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def until(condition, what: str) -> None:
+    """Poll state that announces itself by no event (process tables, scraped metrics)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
 
 
 def worker_pids(supervisor: int) -> set[int]:
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return {int(pid) for pid in children}
-
-
-def test_a_worker_that_dies_is_replaced(gateway_process, backend_factory) -> None:
-    def reply(conn: socket.socket) -> None:
-        conn.sendall(conn.recv(65536)[:5])
-
-    server = backend_factory(reply)
-    gw = gateway_process(
-        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
-        "--expose-servers", "--server", f"n={server.address}", "--no-access-log",
-    ).wait_listening()  # fmt: skip
-    before = worker_pids(gw.proc.pid)
-    assert len(before) == 2
-    victim = min(before)
-    os.kill(victim, signal.SIGKILL)
-    gw.wait_for(rf"worker \d \(pid {victim}\) died \(killed by SIGKILL\): starting another")
-    deadline = time.monotonic() + WAIT
-    while len(worker_pids(gw.proc.pid) - {victim}) < 2:
-        assert time.monotonic() < deadline, "no worker took the dead one's place"
-        time.sleep(0.02)
-    # Both workers answer /metrics again, and every connection is routed.
-    deadline = time.monotonic() + WAIT
-    while 'process_open_fds{worker="2"}' not in metrics_text(gw.admin_port):
-        assert time.monotonic() < deadline, "the new worker does not report"
-        time.sleep(0.02)
-    hello = python_hello("n.server.dc1.consul")
-    for _ in range(40):
-        with connect(gw.port) as client:
-            client.sendall(hello)
-            assert recv_all(client) == hello[:5]
-    assert "meshgw_worker_restarts_total 1.0" in metrics_text(gw.admin_port)
-    every_worker = before | worker_pids(gw.proc.pid)
-    gw.signal(signal.SIGTERM)
-    assert gw.wait_exit(WAIT * 2) == 0
-    assert still_running_workers(every_worker) == set()
 
 
 def still_running_workers(pids: set[int]) -> set[int]:
@@ -134,6 +95,49 @@ def still_running_workers(pids: set[int]) -> set[int]:
     return alive
 
 
-def metrics_text(admin_port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=WAIT) as r:
-        return r.read().decode()
+def test_two_workers_share_the_port_and_the_routes(two_workers) -> None:
+    gw = two_workers
+    route_some(gw.port)
+    text = metrics_text(gw.admin_port)
+    assert (
+        'meshgw_connections_total{datacenter="dc1",outcome="closed",route_kind="local_server"} 40.0'
+        in text
+    )
+    # The supervisor (worker="0") and both workers report their own process metrics.
+    assert 'process_open_fds{worker="1"}' in text and 'process_open_fds{worker="2"}' in text
+    # The drain counts what the workers hold: here one hello begun and never finished.
+    held = connect(gw.port)
+    try:
+        held.sendall(b"\x16")
+        until(lambda: active_connections(gw.admin_port) == 1, "the held connection not accepted")
+        gw.signal(signal.SIGTERM)
+        gw.wait_for("draining open_connections=1 ")
+    finally:
+        held.close()
+    assert gw.wait_exit(WAIT * 2) == 0
+    refused = socket.socket()
+    try:
+        assert refused.connect_ex(("127.0.0.1", gw.port)) != 0
+    finally:
+        refused.close()
+
+
+def test_a_worker_that_dies_is_replaced(two_workers) -> None:
+    gw = two_workers
+    before = worker_pids(gw.proc.pid)
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    gw.wait_for(rf"worker \d \(pid {victim}\) died \(killed by SIGKILL\): starting another")
+    until(lambda: len(worker_pids(gw.proc.pid) - {victim}) == 2, "no worker replaced the dead one")
+    # Both workers answer /metrics again, and every connection is routed.
+    until(
+        lambda: 'process_open_fds{worker="2"}' in metrics_text(gw.admin_port),
+        "the new worker does not report",
+    )
+    route_some(gw.port)
+    assert "meshgw_worker_restarts_total 1.0" in metrics_text(gw.admin_port)
+    every_worker = before | worker_pids(gw.proc.pid)
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit(WAIT * 2) == 0
+    assert still_running_workers(every_worker) == set()
