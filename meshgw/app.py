@@ -32,7 +32,7 @@ from meshgw.topology import Source, Topology, TopologyPart, merge
 log = logging.getLogger("meshgw")
 
 # Descriptors kept for everything that is not a proxied connection (admin, Consul, logs, pipes).
-RESERVED_FDS = 256  # listeners, admin, Consul, logs, pipes: descriptors not for connections
+RESERVED_FDS = 256
 MAX_AUTO_CONNECTIONS = 65536  # per process, when the open-file limit would allow more
 MIN_AUTO_CONNECTIONS = 64
 
