@@ -168,6 +168,45 @@ async def test_stop_before_any_register_sends_nothing() -> None:
     assert client.paths == []
 
 
+class HeldFirstPutClient:
+    """A Consul client that holds the first PUT until released and records every PUT."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[str, Any]] = []
+        self.release = asyncio.Event()
+        self.arrived = [asyncio.Event(), asyncio.Event()]  # the first and the second PUT
+
+    async def put(self, path: str, body: Any = None) -> None:
+        self.puts.append((path, body))
+        self.arrived[min(len(self.puts), 2) - 1].set()
+        if len(self.puts) == 1:
+            await self.release.wait()
+
+    async def get(self, path: str) -> Any:
+        return {}
+
+
+async def test_settings_replaced_during_a_register_in_flight_are_sent() -> None:
+    client = HeldFirstPutClient()
+    old = GatewayRegistration(wan_address=("203.0.113.5", 443))
+    new = GatewayRegistration(wan_address=("198.51.100.7", 8443))
+    registrar = Registrar(client, old, check_interval=60)  # type: ignore[arg-type]
+    task = asyncio.create_task(registrar.run())
+    try:
+        await asyncio.wait_for(client.arrived[0].wait(), WAIT)
+        registrar.replace(new)  # SIGHUP while the first PUT is out
+        client.release.set()
+        await asyncio.wait_for(client.arrived[1].wait(), WAIT)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    path, body = client.puts[1]
+    assert path == "/v1/agent/service/register"
+    assert body["TaggedAddresses"]["wan"] == {"Address": "198.51.100.7", "Port": 8443}
+    assert registrar.registered_as == new
+
+
 def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
     double = consul()
     gw = gateway_process(

@@ -88,7 +88,9 @@ class Registrar:
         self.check_interval = check_interval
         self.backoff = backoff
         self.on_state = on_state
-        self.registered = False
+        # What the agent last accepted. Compared with `registration`, not a flag: settings
+        # replaced while a PUT is in flight must still be sent once that PUT returns.
+        self.registered_as: GatewayRegistration | None = None
         # Set before the first PUT leaves: a stop that cancels a register still in flight must
         # deregister, since the agent may have applied it.
         self._attempted = False
@@ -106,7 +108,6 @@ class Registrar:
         if registration.id != self.registration.id and self._attempted:
             self._replaced_ids.append(self.registration.id)
         self.registration = registration
-        self.registered = False
         self.wake()
 
     async def _pause(self, seconds: float) -> None:
@@ -118,14 +119,15 @@ class Registrar:
         while self._replaced_ids:
             await self._remove(self._replaced_ids[0])
             self._replaced_ids.pop(0)
+        registration = self.registration
         self._attempted = True
-        await self.client.put("/v1/agent/service/register", self.registration.body())
-        if not self.registered:
+        await self.client.put("/v1/agent/service/register", registration.body())
+        if registration != self.registered_as:
             log.info(
                 "registered in Consul",
-                extra={"fields": {"service": self.registration.name, "id": self.registration.id}},
+                extra={"fields": {"service": registration.name, "id": registration.id}},
             )
-        self.registered = True
+        self.registered_as = registration
 
     async def still_registered(self) -> bool:
         try:
@@ -138,10 +140,10 @@ class Registrar:
         """Register until it works, then check every interval; never raises on Consul errors."""
         while True:
             try:
-                if not self.registered or not await self.still_registered():
-                    if self.registered:
-                        log.warning("the agent lost this gateway's registration: registering again")
-                        self.registered = False
+                if self.registered_as != self.registration:
+                    await self.register()
+                elif not await self.still_registered():
+                    log.warning("the agent lost this gateway's registration: registering again")
                     await self.register()
                 if self._failures:
                     log.info("Consul answers the registrar again")
@@ -170,7 +172,7 @@ class Registrar:
                     error,
                 )
         self._replaced_ids.clear()
-        self.registered = False
+        self.registered_as = None
 
     async def _remove(self, service_id: str) -> None:
         # Newer agents answer 404 for an unknown ID: gone is what we wanted.
