@@ -23,6 +23,8 @@ import pytest
 
 from meshgw.app import Gateway
 from meshgw.settings import Settings
+from tests.consul_double import ConsulDoubleThread
+from tests.hellos import TRUST_DOMAIN
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds any single wait in a test may take before it fails
@@ -351,6 +353,19 @@ def stream(seed: bytes, total: int, block: int = 1 << 20) -> Iterator[bytes]:
         index += 1
 
 
+def eventually(
+    check: Callable[[], Any], timeout: float = WAIT, what: str = "condition not met in time"
+) -> Any:
+    """Poll a condition that no event announces (state seen through HTTP or /proc)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
 def open_fds(pid: int | None = None) -> int:
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
 
@@ -376,3 +391,23 @@ def lines_until(stream: IO[Any], done: Callable[[str], bool], timeout: float) ->
                 if done(seen[-1]):
                     return seen
     return seen
+
+
+# --- a Consul API double per test --------------------------------------------------------------
+
+
+@pytest.fixture
+def consul() -> Iterator[Callable[..., ConsulDoubleThread]]:
+    """Start Consul API doubles (no servers, a fixed trust domain unless told); stopped after."""
+    made: list[ConsulDoubleThread] = []
+
+    def make(**options: Any) -> ConsulDoubleThread:
+        options.setdefault("servers", 0)
+        options.setdefault("trust_domain", TRUST_DOMAIN)
+        double = ConsulDoubleThread(**options).start()
+        made.append(double)
+        return double
+
+    yield make
+    for double in made:
+        double.stop()

@@ -10,46 +10,15 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from typing import Any
 
-import pytest
-
 from meshgw.control.registrar import GatewayRegistration, Registrar
-from tests.conftest import WAIT, closed_by_peer, connect, recv_all
-from tests.consul_double import GATEWAY_BODY, AclToken, ConsulDoubleThread
+from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
+from tests.consul_double import GATEWAY_BODY, AclToken
+from tests.hellos import TRUST_DOMAIN as TD
 from tests.hellos import python_hello
 
-TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
 TOKEN = "3f1c9b6e-0d2a-4c57-9e43-8b2f6d1a7c55"
-
-
-@pytest.fixture
-def consul() -> Iterator[Callable[..., ConsulDoubleThread]]:
-    made: list[ConsulDoubleThread] = []
-
-    def make(**options: Any) -> ConsulDoubleThread:
-        options.setdefault("servers", 0)
-        options.setdefault("trust_domain", TD)
-        double = ConsulDoubleThread(**options)
-        double.start()
-        made.append(double)
-        return double
-
-    yield make
-    for double in made:
-        double.stop()
-
-
-def eventually(check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Poll a condition that has no event to await (state seen through HTTP)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def admin_json(port: int, path: str) -> Any:

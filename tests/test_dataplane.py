@@ -26,9 +26,8 @@ from tests.conftest import (
     recv_exactly,
     stream,
 )
+from tests.hellos import TRUST_DOMAIN as TD
 from tests.hellos import python_hello, reframe, with_mlkem_key_share
-
-TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
 
 
 def metric(admin_port: int, name: str, **labels: str) -> float:

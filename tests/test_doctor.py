@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from meshgw.doctor.tls import name_matches
 from meshgw.tls.certs import create_ca, create_cert
 from tests.consul_double import AclToken, ConsulDoubleThread, mesh_gateway_node
 
-TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
 TOKEN = "6b0d3c52-8f1e-4a8c-9d3e-2f5a7c1b9e04"
 ALL_CHECKS = {"agent", "gateways", "wan-address", "federation-state", "forwarding", "names", "tls"}
 
@@ -91,22 +90,6 @@ def tls_server(pki: dict[str, Path], label: str) -> Callable[[socket.socket], No
             pass  # the doctor hangs up without a close_notify, or sent no certificate
 
     return handle
-
-
-@pytest.fixture
-def consul() -> Iterator[Callable[..., ConsulDoubleThread]]:
-    made: list[ConsulDoubleThread] = []
-
-    def make(**options: Any) -> ConsulDoubleThread:
-        options.setdefault("servers", 0)
-        options.setdefault("trust_domain", TD)
-        double = ConsulDoubleThread(**options).start()
-        made.append(double)
-        return double
-
-    yield make
-    for double in made:
-        double.stop()
 
 
 def doctor(*args: str) -> Result:

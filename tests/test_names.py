@@ -26,8 +26,7 @@ from meshgw.wire.names import (
     server_sni,
     service_sni,
 )
-
-TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
+from tests.hellos import TRUST_DOMAIN as TD
 
 # ---------------------------------------------------------------------------------------------
 # Formatting, by the examples and rules of CONSUL.md §2.

@@ -13,8 +13,7 @@ from meshgw.topology import (
     TopologyPart,
     merge,
 )
-
-TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
+from tests.hellos import TRUST_DOMAIN as TD
 
 
 def ep(host: str, port: int = 8443, healthy: bool = True) -> Endpoint:

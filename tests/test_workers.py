@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from meshgw.dataplane.workers import merge_metrics
-from tests.conftest import WAIT, connect, recv_all
+from tests.conftest import WAIT, connect, eventually, recv_all
 from tests.hellos import python_hello
 
 
@@ -70,14 +69,6 @@ def active_connections(admin_port: int) -> float:
     return 0.0
 
 
-def until(condition, what: str) -> None:
-    """Poll state that announces itself by no event (process tables, scraped metrics)."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def worker_pids(supervisor: int) -> set[int]:
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return {int(pid) for pid in children}
@@ -109,7 +100,9 @@ def test_two_workers_share_the_port_and_the_routes(two_workers) -> None:
     held = connect(gw.port)
     try:
         held.sendall(b"\x16")
-        until(lambda: active_connections(gw.admin_port) == 1, "the held connection not accepted")
+        eventually(
+            lambda: active_connections(gw.admin_port) == 1, what="held connection not accepted"
+        )
         gw.signal(signal.SIGTERM)
         gw.wait_for("draining open_connections=1 ")
     finally:
@@ -129,11 +122,11 @@ def test_a_worker_that_dies_is_replaced(two_workers) -> None:
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
     gw.wait_for(rf"worker \d \(pid {victim}\) died \(killed by SIGKILL\): starting another")
-    until(lambda: len(worker_pids(gw.proc.pid) - {victim}) == 2, "no worker replaced the dead one")
+    eventually(lambda: len(worker_pids(gw.proc.pid) - {victim}) == 2, what="no worker replaced it")
     # Both workers answer /metrics again, and every connection is routed.
-    until(
+    eventually(
         lambda: 'process_open_fds{worker="2"}' in metrics_text(gw.admin_port),
-        "the new worker does not report",
+        what="the new worker does not report",
     )
     route_some(gw.port)
     assert "meshgw_worker_restarts_total 1.0" in metrics_text(gw.admin_port)
