@@ -196,12 +196,18 @@ class WorkerPool:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
-    async def open_connections(self) -> int:
-        running = [w for w in self.workers if w.writer is not None]
+    def _running(self) -> list[Worker]:
+        return [w for w in self.workers if w.writer is not None]
+
+    async def _ask(self, workers: list[Worker], message: tuple[Any, ...]) -> list[Any]:
+        """Each worker's answer to `message`; a worker that died meanwhile gives none."""
         replies = await asyncio.gather(
-            *(w.request(("open",)) for w in running), return_exceptions=True
+            *(w.request(message) for w in workers), return_exceptions=True
         )
-        return sum(r[1] for r in replies if isinstance(r, tuple))
+        return [reply[1] for reply in replies if isinstance(reply, tuple)]
+
+    async def open_connections(self) -> int:
+        return sum(await self._ask(self._running(), ("open",)))
 
     def set_table(self, table: RouteTable) -> None:
         self.table = table
@@ -214,11 +220,7 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     async def metrics(self) -> list[bytes]:
-        running = [w for w in self.workers if w.writer is not None]
-        replies = await asyncio.gather(
-            *(w.request(("metrics",)) for w in running), return_exceptions=True
-        )
-        return [reply[1] for reply in replies if isinstance(reply, tuple)]
+        return await self._ask(self._running(), ("metrics",))
 
     def stop_accepting(self) -> None:
         """Drain stops accepting first; a separate message is not needed."""
@@ -228,12 +230,10 @@ class WorkerPool:
         self.draining = True
         for task in self._replacing:
             task.cancel()
-        running = [w for w in self.workers if w.writer is not None]
-        replies = await asyncio.gather(
-            *(w.request(("drain", timeout)) for w in running), return_exceptions=True
-        )
+        running = self._running()
+        closed = await self._ask(running, ("drain", timeout))
         await asyncio.gather(*(w.wait(5.0) for w in running))
-        return sum(r[1] for r in replies if isinstance(r, tuple))
+        return sum(closed)
 
 
 def merge_metrics(texts: Iterable[bytes], per_process_prefix: str = "process_") -> bytes:
