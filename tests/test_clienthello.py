@@ -536,6 +536,32 @@ def test_too_large_decided_at_the_record_boundary() -> None:
     assert isinstance(parse_client_hello(data, max_bytes=cap + 2), Hello)
 
 
+def test_cap_holds_when_tiny_records_split_the_handshake_header() -> None:
+    # One-byte records: the next record header was read before the handshake length was
+    # known, so caps of 9-22 bytes could be passed by up to 4 bytes.
+    data = b"\x16\x03\x01\x00\x01\x01" * 2 + b"\x16\x03\x01\x00\x01\x00"
+    reader = ClientHelloReader(16)
+    result = reader.feed(data)
+    assert isinstance(result, Rejection) and result.reason is TOO_LARGE
+    assert reader.buffered <= 16
+
+
+@pytest.mark.parametrize("cap", range(9, 64))
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_cap_is_a_promise_at_every_size(cap: int, size: int) -> None:
+    data = H.reframe(BASE, [size] * 40)
+    for pieces in (1, len(data)):  # whole, then byte by byte
+        reader = ClientHelloReader(cap)
+        step = max(1, len(data) // pieces)
+        result = None
+        for start in range(0, len(data), step):
+            result = reader.feed(data[start : start + step])
+            assert reader.buffered <= cap
+            if result is not None:
+                break
+        assert isinstance(result, Rejection) and result.reason is TOO_LARGE
+
+
 def test_default_cap_and_bad_cap() -> None:
     assert ClientHelloReader().max_bytes == DEFAULT_MAX_HELLO_BYTES == 65536
     with pytest.raises(ValueError):

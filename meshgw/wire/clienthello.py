@@ -247,27 +247,30 @@ class ClientHelloReader:
         if self._hs_len < 0:
             if buf[0] != _HT_CLIENT_HELLO:
                 return Rejection(RejectReason.NOT_CLIENT_HELLO, f"handshake type {buf[0]}")
-            if len(buf) < _HANDSHAKE_HEADER:
-                return None
-            self._hs_len = int.from_bytes(buf[1:4], "big")
-            rejected = self._check_bounds()
-            if rejected is not None:
-                return rejected
-        if len(buf) < _HANDSHAKE_HEADER + self._hs_len:
-            if self._rec_left == 0:
-                # The hello goes on in another record: count its header now, so that even
-                # the header's first bytes are never read past the cap.
-                least = (self._records + 1) * _RECORD_HEADER + max(
-                    self._payload_declared + 1, _HANDSHAKE_HEADER + self._hs_len
-                )
-                if least > self._max:
-                    return Rejection(
-                        RejectReason.TOO_LARGE,
-                        f"ClientHello needs at least {least} > {self._max} bytes",
-                    )
-            return None
-        # _check_bounds guarantees the last record ends exactly here.
-        return _parse_body(bytes(buf[_HANDSHAKE_HEADER:]), self.buffered)
+            if len(buf) >= _HANDSHAKE_HEADER:
+                self._hs_len = int.from_bytes(buf[1:4], "big")
+                rejected = self._check_bounds()
+                if rejected is not None:
+                    return rejected
+        if self._hs_len >= 0 and len(buf) >= _HANDSHAKE_HEADER + self._hs_len:
+            # _check_bounds guarantees the last record ends exactly here.
+            return _parse_body(bytes(buf[_HANDSHAKE_HEADER:]), self.buffered)
+        if self._rec_left == 0:
+            return self._check_next_record()
+        return None
+
+    def _check_next_record(self) -> Rejection | None:
+        """The hello goes on in another record: count that record's header and at least one
+        byte of it now, before reading any of it, so that even the header's first bytes are
+        never read past the cap. While the handshake header itself is incomplete, the message
+        still needs at least its four bytes."""
+        message = _HANDSHAKE_HEADER + max(self._hs_len, 0)
+        least = (self._records + 1) * _RECORD_HEADER + max(self._payload_declared + 1, message)
+        if least > self._max:
+            return Rejection(
+                RejectReason.TOO_LARGE, f"ClientHello needs at least {least} > {self._max} bytes"
+            )
+        return None
 
     def _fast_path(self, mv: memoryview) -> Result | None:
         """A whole ClientHello in one record at the start of one feed: no accumulation.
