@@ -7,7 +7,7 @@ gateway's state. Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads settin
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import resource
 import signal
@@ -184,9 +184,11 @@ class ControlPlane:
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task, outcome in zip(
+            self.tasks, await asyncio.gather(*self.tasks, return_exceptions=True), strict=True
+        ):
+            if isinstance(outcome, Exception):
+                log.error("%s had failed: %r", task.get_name(), outcome)
         self.tasks.clear()
         if self.client is not None:
             await self.client.close()
@@ -209,6 +211,8 @@ class Gateway:
         self.max_connections = 0  # per process; settled at start, with the open-file limit
         self.control = ControlPlane(settings, self.update_part, self.metrics)
         self.stopping = asyncio.Event()
+        self._build_error: str | None = None
+        self._skip_reasons: set[str] = set()
         self.update_part(settings.static_topology())
 
     # --- topology -----------------------------------------------------------------------------
@@ -229,23 +233,43 @@ class Gateway:
             )
         except ValueError:
             return  # the local datacenter is not known yet
-        if topology != self.topology:
-            self._install(topology)
+        if topology == self.topology:
+            return
+        try:
+            table = RouteTable.build(topology)
+        except Exception as error:
+            # Nothing a source publishes may stop the sources: keep routing by the last
+            # good table, say so once per distinct failure, count every one.
+            self.metrics.route_table_failures.inc()
+            if str(error) != self._build_error:
+                self._build_error = str(error)
+                log.exception("cannot build a route table; keeping the last good one")
+            return
+        self._build_error = None
+        self._install(topology, table)
 
-    def _install(self, topology: Topology) -> None:
+    def _install(self, topology: Topology, table: RouteTable) -> None:
         self.topology = topology
-        self.table = RouteTable.build(topology)
+        old_skipped = set(self.table.skipped)
+        self.table = table
         if self.listener is not None:
             self.listener.set_table(self.table)
+        for skipped in table.skipped:
+            if skipped not in old_skipped:
+                log.warning("route skipped: %s", skipped)
+        counts = collections.Counter(skipped.reason for skipped in table.skipped)
+        self._skip_reasons |= counts.keys()  # a reason seen once is reported at 0 after
+        for reason in self._skip_reasons:
+            self.metrics.routes_skipped.labels(reason).set(counts[reason])
         self.metrics.route_table_updates.inc()
-        counts = dict.fromkeys(RouteKind, 0)
+        per_kind = dict.fromkeys(RouteKind, 0)
         for route in [*self.table.exact.values(), *self.table.wildcard.values()]:
-            counts[route.kind] += 1
-        for kind, count in counts.items():
+            per_kind[route.kind] += 1
+        for kind, count in per_kind.items():
             self.metrics.routes.labels(kind.value).set(count)
         log.info(
             "route table installed",
-            extra={"fields": {"routes": sum(counts.values()), "dc": topology.datacenter}},
+            extra={"fields": {"routes": sum(per_kind.values()), "dc": topology.datacenter}},
         )
 
     # --- lifecycle ----------------------------------------------------------------------------

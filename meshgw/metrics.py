@@ -200,6 +200,18 @@ class Metrics:
             ["route_kind"],
             registry=registry,
         )
+        self.routes_skipped = Gauge(
+            "meshgw_routes_skipped",
+            "Routes the topology implies but Consul's SNI grammar cannot spell (e.g. a server "
+            "node name with a dot), by reason; each is logged once.",
+            ["reason"],
+            registry=registry,
+        )
+        self.route_table_failures = Counter(
+            "meshgw_route_table_failures",
+            "Route tables that could not be built; the last good one stays in use.",
+            registry=registry,
+        )
         self.route_table_updates = Counter(
             "meshgw_route_table_updates",
             "Route tables installed since start.",

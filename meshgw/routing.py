@@ -12,7 +12,7 @@ import enum
 import ipaddress
 import itertools
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from meshgw.topology import DEFAULT_PARTITION, Endpoint, GatewayKey, Topology
@@ -100,12 +100,25 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class SkippedRoute:
+    """A route the topology asked for but no ClientHello could ever match, and why."""
+
+    what: str  # e.g. "server node 'ip-10-0-0-1.ec2.internal'"
+    reason: str  # a Prometheus label value
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteTable:
     topology: Topology
     exact: dict[str, Route]
     # Keyed by the suffix after "*." (e.g. "server.dc2.consul").
     wildcard: dict[str, Route]
     notes: tuple[str, ...] = ()
+    skipped: tuple[SkippedRoute, ...] = ()
 
     @classmethod
     def empty(cls) -> RouteTable:
@@ -114,55 +127,19 @@ class RouteTable:
 
     @classmethod
     def build(cls, topology: Topology) -> RouteTable:
-        exact: dict[str, Route] = {}
-        wildcard: dict[str, Route] = {}
-        notes: list[str] = []
-        local_dc, domain, td = topology.datacenter, topology.domain, topology.trust_domain
-
-        def cluster(name: str, endpoints: tuple[Endpoint, ...]) -> Cluster:
-            return Cluster(name, tuple(Target.of(e) for e in endpoints))
-
-        if topology.expose_servers:
-            servers = topology.servers
-            for node, endpoint in sorted(servers.items()):
-                name = server_sni(local_dc, domain, node)
-                exact[name] = Route(
-                    RouteKind.LOCAL_SERVER, local_dc, cluster(name, (endpoint,)), name
-                )
-            if servers:
-                name = server_sni(local_dc, domain)
-                every = tuple(servers[node] for node in sorted(servers))
-                exact[name] = Route(
-                    RouteKind.ANY_LOCAL_SERVER, local_dc, cluster(name, every), name
-                )
-            else:
-                notes.append("no local servers known: local server names are refused")
-        else:
-            notes.append("--expose-servers is off: no server name is routed")
-
-        for key, endpoints in sorted(topology.gateways.items()):
-            dc = key.datacenter
-            if topology.expose_servers and key.partition == DEFAULT_PARTITION:
-                name = server_sni(dc, domain)
-                servers_of_dc = cluster(name, endpoints)
-                exact[name] = Route(RouteKind.REMOTE_SERVER, dc, servers_of_dc, name)
-                wildcard[name] = Route(RouteKind.REMOTE_SERVER, dc, servers_of_dc, f"*.{name}")
-            if td is None:
-                continue
-            name = gateway_sni(dc, td, key.partition)
-            whole_dc = cluster(name, endpoints)
-            exact[name] = Route(RouteKind.REMOTE_DATACENTER, dc, whole_dc, name)
-            wildcard[name] = Route(RouteKind.REMOTE_DATACENTER, dc, whole_dc, f"*.{name}")
-
-        if td is None:
-            notes.append("trust domain unknown: mesh (internal) names are refused")
-        else:
-            for svc, endpoints in sorted(topology.services.items()):
-                name = service_sni(svc.name, svc.namespace, svc.partition, local_dc, td)
-                exact[name] = Route(
-                    RouteKind.LOCAL_SERVICE, local_dc, cluster(name, endpoints), name
-                )
-        return cls(topology, exact, wildcard, tuple(notes))
+        """Every route the topology implies. Never raises for what a source published: an
+        entry whose name cannot be spelled in SNI is skipped with its reason."""
+        builder = _Builder(topology)
+        builder.servers()
+        builder.remote_gateways()
+        builder.local_services()
+        return cls(
+            topology,
+            builder.exact,
+            builder.wildcard,
+            tuple(builder.notes),
+            tuple(builder.skipped),
+        )
 
     def resolve(self, sni: str) -> Route | None:
         """The route for a (lower-case, validated) SNI name, or None to refuse it."""
@@ -239,3 +216,86 @@ class RouteTable:
             "routes": routes,
             "notes": list(self.notes),
         }
+
+
+class _Builder:
+    """Fills a table's dicts, one family of routes at a time (see RouteTable.build)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.exact: dict[str, Route] = {}
+        self.wildcard: dict[str, Route] = {}
+        self.notes: list[str] = []
+        self.skipped: list[SkippedRoute] = []
+
+    def add(
+        self,
+        kind: RouteKind,
+        dc: str,
+        name: str,
+        endpoints: tuple[Endpoint, ...],
+        *,
+        wildcard: bool = False,
+    ) -> None:
+        cluster = Cluster(name, tuple(Target.of(e) for e in endpoints))
+        self.exact[name] = Route(kind, dc, cluster, name)
+        if wildcard:
+            self.wildcard[name] = Route(kind, dc, cluster, f"*.{name}")
+
+    def name(self, what: str, spell: Callable[..., str], *args: str | None) -> str | None:
+        """`spell(*args)`: the SNI name of a route, or None (and a skipped route) when Consul's
+        grammar cannot spell it."""
+        try:
+            return spell(*args)
+        except ValueError as error:
+            self.skipped.append(SkippedRoute(what, "invalid_name", str(error)))
+            return None
+
+    def servers(self) -> None:
+        topo = self.topology
+        if not topo.expose_servers:
+            self.notes.append("--expose-servers is off: no server name is routed")
+            return
+        local_dc, domain, servers = topo.datacenter, topo.domain, topo.servers
+        for node, endpoint in sorted(servers.items()):
+            # Consul cannot route <node>.server.<dc> for a node whose name is not one DNS
+            # label either; that server still serves server.<dc> below.
+            name = self.name(f"server node {node!r}", server_sni, local_dc, domain, node)
+            if name is not None:
+                self.add(RouteKind.LOCAL_SERVER, local_dc, name, (endpoint,))
+        if not servers:
+            self.notes.append("no local servers known: local server names are refused")
+            return
+        name = self.name("local servers", server_sni, local_dc, domain)
+        if name is not None:
+            every = tuple(servers[node] for node in sorted(servers))
+            self.add(RouteKind.ANY_LOCAL_SERVER, local_dc, name, every)
+
+    def remote_gateways(self) -> None:
+        topo = self.topology
+        td = topo.trust_domain
+        for key, endpoints in sorted(topo.gateways.items()):
+            dc = key.datacenter
+            what = f"gateways of {dc} partition {key.partition}"
+            if topo.expose_servers and key.partition == DEFAULT_PARTITION:
+                name = self.name(what, server_sni, dc, topo.domain)
+                if name is not None:
+                    self.add(RouteKind.REMOTE_SERVER, dc, name, endpoints, wildcard=True)
+            if td is not None:
+                name = self.name(what, gateway_sni, dc, td, key.partition)
+                if name is not None:
+                    self.add(RouteKind.REMOTE_DATACENTER, dc, name, endpoints, wildcard=True)
+
+    def local_services(self) -> None:
+        topo = self.topology
+        td = topo.trust_domain
+        if td is None:
+            self.notes.append("trust domain unknown: mesh (internal) names are refused")
+            return
+        for svc, endpoints in sorted(topo.services.items()):
+            what = f"service {svc.namespace}/{svc.name}"
+            name = self.name(
+                what, service_sni, svc.name, svc.namespace, svc.partition, topo.datacenter, td
+            )
+            if name is not None:
+                self.add(RouteKind.LOCAL_SERVICE, topo.datacenter, name, endpoints)

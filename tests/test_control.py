@@ -225,6 +225,31 @@ def test_routes_from_discovered_servers_and_federation_states(
     )
 
 
+def test_a_dotted_server_node_name_does_not_stop_discovery(
+    consul, gateway_process, backend_factory
+) -> None:
+    first = marker_backend(backend_factory, b"ec2")
+    second = marker_backend(backend_factory, b"server-1")
+    double = consul()
+    double.add_server("ip-10-0-0-1.ec2.internal", "127.0.0.1", port=first.port)
+    gw = gateway_process(
+        "--dc", "dc1", "--consul", double.url, "--expose-servers",
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "1",
+    ).wait_listening()  # fmt: skip
+    gw.wait_for("route skipped: server node 'ip-10-0-0-1.ec2.internal'")
+    eventually(lambda: route_targets(gw.admin_port, "server.dc1.consul"))
+    assert ask(gw.port, "server.dc1.consul") == b"ec2"
+    # The watch lives on: a change after the dotted name is still learned.
+    double.add_server("consul-server-1", "127.0.0.1", port=second.port)
+    eventually(lambda: route_targets(gw.admin_port, "consul-server-1.server.dc1.consul"))
+    assert ask(gw.port, "consul-server-1.server.dc1.consul") == b"server-1"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=WAIT)
+    assert 'meshgw_routes_skipped{reason="invalid_name"} 1.0' in metrics.read().decode()
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit(WAIT) == 0
+    assert len([line for line in gw.lines if "route skipped" in line]) == 1
+
+
 def test_remote_gateway_moving_is_followed(consul, gateway_factory, backend_factory) -> None:
     old = marker_backend(backend_factory, b"old")
     new = marker_backend(backend_factory, b"new")

@@ -155,3 +155,21 @@ def test_ipv6_and_dns_endpoints() -> None:
     )
     assert targets[0].sockaddr == ("::1", 8443, 0, 0)
     assert targets[1].sockaddr is None  # resolved at connect time
+
+
+def test_a_server_node_name_with_a_dot_skips_only_its_own_route() -> None:
+    # EC2-style node names are common; Consul cannot route <node>.server.<dc> for them either.
+    part = TopologyPart(
+        source=Source.CONSUL,
+        datacenter="dc1",
+        servers={"ip-10-0-0-1.ec2.internal": ep("10.0.0.1", 8300), "s2": ep("10.0.0.2", 8300)},
+    )
+    built = RouteTable.build(merge([part], expose_servers=True))
+    route = built.resolve("server.dc1.consul")
+    assert route is not None
+    assert [str(t.endpoint) for t in route.cluster.targets] == ["10.0.0.1:8300", "10.0.0.2:8300"]
+    assert built.resolve("s2.server.dc1.consul") is not None
+    [skipped] = built.skipped
+    assert skipped.reason == "invalid_name"
+    assert "ip-10-0-0-1.ec2.internal" in str(skipped)
+    assert "refused" in built.explain("ip-10-0-0-1.ec2.internal.server.dc1.consul")

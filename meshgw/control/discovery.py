@@ -164,6 +164,10 @@ class Discovery:
                 # Consul answered, but not in the documented shape: keep the last good view.
                 log.error("ignoring an answer from Consul: %s", error)
                 continue
+            except Exception:
+                # Whatever an answer holds, the watch goes on with the last good view.
+                log.exception("cannot use the answer to %s; keeping the last good view", name)
+                continue
             self.indexes[name] = answer.index
             self._publish()
 
