@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import resource
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from meshgw.control.bootstrap import PrimaryGateways
 from meshgw.control.consul import ConsulClient, ConsulConfig, ConsulConfigError
 from meshgw.control.discovery import Discovery
 from meshgw.control.registrar import GatewayRegistration, Registrar
+from meshgw.dataplane.budget import DescriptorBudget
 from meshgw.dataplane.listener import DataPlaneConfig, Listener
 from meshgw.dataplane.workers import WorkerPool, merge_metrics
 from meshgw.metrics import Metrics
@@ -31,52 +31,18 @@ from meshgw.topology import Source, Topology, TopologyPart, merge
 
 log = logging.getLogger("meshgw")
 
-# Descriptors kept for everything that is not a proxied connection (admin, Consul, logs, pipes).
-RESERVED_FDS = 256
-MAX_AUTO_CONNECTIONS = 65536  # per process, when the open-file limit would allow more
-MIN_AUTO_CONNECTIONS = 64
 
-
-def dataplane_config(settings: Settings, max_connections: int) -> DataPlaneConfig:
+def dataplane_config(settings: Settings, budget: DescriptorBudget) -> DataPlaneConfig:
     return DataPlaneConfig(
         hello_timeout=settings.hello_timeout,
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.idle_timeout,
         max_hello_bytes=settings.max_hello_bytes,
-        max_connections=max_connections,
+        max_connections=budget.connections,
+        max_pipes=budget.pipes,
         pump=settings.pump,
         access_log=settings.access_log,
     )
-
-
-def connection_cap(requested: int | None) -> int:
-    """The open-connection cap of each process, with the open-file limit raised to fit it.
-
-    A proxied connection holds two descriptors. Asked for a number, the soft limit is raised
-    towards what it needs (a warning if the hard limit is lower). By default (None) the soft
-    limit goes up to the hard one and the cap is what fits, at most MAX_AUTO_CONNECTIONS: the
-    way HAProxy derives maxconn from `ulimit -n`.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * (requested or MAX_AUTO_CONNECTIONS) + RESERVED_FDS
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as error:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
-    if requested is None:
-        return max(MIN_AUTO_CONNECTIONS, (soft - RESERVED_FDS) // 2)
-    if soft < wanted:
-        log.warning(
-            "open-file limit %d is below the %d that --max-connections %d needs; raise "
-            "`ulimit -n` or lower --max-connections",
-            soft,
-            wanted,
-            requested,
-        )
-    return requested
 
 
 class ControlPlane:
@@ -208,7 +174,7 @@ class Gateway:
         self.table = RouteTable.empty()
         self.listener: Listener | WorkerPool | None = None
         self.admin: AdminServer | None = None
-        self.max_connections = 0  # per process; settled at start, with the open-file limit
+        self.budget = DescriptorBudget(0, 0)  # per process; settled at start
         self.control = ControlPlane(settings, self.update_part, self.metrics)
         self.stopping = asyncio.Event()
         self._build_error: str | None = None
@@ -276,7 +242,7 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
-        self.max_connections = connection_cap(settings.max_connections)
+        self.budget = DescriptorBudget.for_limit(settings.max_connections)
         try:
             self.listener = await self._start_dataplane()
         except OSError as error:
@@ -300,7 +266,8 @@ class Gateway:
                     "dc": self.topology.datacenter if self.topology else None,
                     "pump": listener.pump_mode,
                     "workers": settings.worker_count,
-                    "max_connections": self.max_connections,
+                    "max_connections": self.budget.connections,
+                    "max_pipes": self.budget.pipes,
                     "expose_servers": settings.expose_servers,
                 }
             },
@@ -308,7 +275,7 @@ class Gateway:
 
     async def _start_dataplane(self) -> Listener | WorkerPool:
         settings = self.settings
-        config = dataplane_config(settings, self.max_connections)
+        config = dataplane_config(settings, self.budget)
         host, port = settings.listen.host, settings.listen.port
         if settings.worker_count > 1:
             pool = WorkerPool(

@@ -83,6 +83,9 @@ class DataPlaneStats:
         "connections",
         "hello_bytes",
         "hello_seconds",
+        "internal_errors",
+        "pipe_shortages",
+        "pipes_open",
         "rejections",
         "upstream_failures",
     )
@@ -94,10 +97,13 @@ class DataPlaneStats:
         self.upstream_failures: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.accept_errors: defaultdict[str, int] = defaultdict(int)
         self.alpn: defaultdict[str, int] = defaultdict(int)
+        self.internal_errors = 0
         self.hello_bytes = Histogram(HELLO_SIZE_BUCKETS)
         self.hello_seconds = Histogram(LATENCY_BUCKETS)
         self.connect_seconds: dict[str, Histogram] = {}
         self.active: Callable[[], int] = lambda: 0  # the listener says how many are open
+        self.pipe_shortages: Callable[[], int] = lambda: 0  # and how often no pipe was had
+        self.pipes_open: Callable[[], int] = lambda: 0
 
     def offered(self, protocol: str) -> None:
         # Counted by label, not by what the client sent: the table must not grow with input.
@@ -152,6 +158,23 @@ class _DataPlaneCollector(Collector):
             "Failed upstream connection attempts (each fails over to the next endpoint).",
             ["route_kind", "datacenter", "reason"],
             stats.upstream_failures,
+        )
+        yield CounterMetricFamily(
+            "meshgw_internal_errors",
+            "Connection handlers that raised (a bug, logged once per kind); each closed only "
+            "its own connection.",
+            value=stats.internal_errors,
+        )
+        yield CounterMetricFamily(
+            "meshgw_splice_pipe_shortages",
+            "Bursts moved through userspace because no splice pipe could be had (the pipe "
+            "budget is spent or the open-file limit reached).",
+            value=stats.pipe_shortages(),
+        )
+        yield GaugeMetricFamily(
+            "meshgw_splice_pipes_open",
+            "Splice pipes open now, moving bytes or kept for reuse (two descriptors each).",
+            value=stats.pipes_open(),
         )
         yield counter(
             "meshgw_accept_errors",

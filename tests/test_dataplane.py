@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import gc
 import hashlib
 import os
@@ -16,9 +19,20 @@ from pathlib import Path
 
 import pytest
 
+from meshgw.dataplane import splice
+from meshgw.dataplane.budget import (
+    MAX_AUTO_CONNECTIONS,
+    MIN_AUTO_CONNECTIONS,
+    DescriptorBudget,
+    descriptors_for,
+)
+from meshgw.dataplane.poller import Poller
 from meshgw.tls.certs import create_ca, create_cert
 from tests.conftest import (
     WAIT,
+    Backend,
+    GatewayProcess,
+    GatewayThread,
     closed_by_peer,
     connect,
     open_fds,
@@ -158,13 +172,8 @@ def test_openssl_s_client_through_the_gateway(pki, gateway_factory, backend_fact
 # --- byte-exactness ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("pump", "size"),
-    [("auto", 256 << 20), ("splice", 256 << 20), ("userspace", 64 << 20)],
-)
-def test_bulk_both_ways_at_once_is_byte_exact(gateway_factory, backend_factory, pump, size):
-    hello = python_hello("node1.server.dc1.consul")
-    got: dict[str, str] = {}
+def bulk_backend(backend_factory, size: int, got: dict[str, str]) -> Backend:
+    """A server that sends `size` bytes while it reads until EOF; digests go into `got`."""
 
     def backend(conn: socket.socket) -> None:
         def send() -> None:
@@ -183,8 +192,12 @@ def test_bulk_both_ways_at_once_is_byte_exact(gateway_factory, backend_factory, 
         got["up_received"] = digest.hexdigest()
         sender.join(60)
 
-    server = backend_factory(backend)
-    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"], pump=pump)
+    return backend_factory(backend)
+
+
+def bulk_both_ways(gw: GatewayThread, server: Backend, size: int, got: dict[str, str]) -> None:
+    """`size` bytes each way at once through `gw` to `bulk_backend`, byte-exact."""
+    hello = python_hello("node1.server.dc1.consul")
     with connect(gw.port) as client:
         client.settimeout(60)
 
@@ -212,8 +225,63 @@ def test_bulk_both_ways_at_once_is_byte_exact(gateway_factory, backend_factory, 
     assert got["up_sent"] == got["up_received"]
     assert got["down_sent"] == got["down_received"]
     gw.wait_idle()
+
+
+@pytest.mark.parametrize(
+    ("pump", "size"),
+    [("auto", 256 << 20), ("splice", 256 << 20), ("userspace", 64 << 20)],
+)
+def test_bulk_both_ways_at_once_is_byte_exact(gateway_factory, backend_factory, pump, size):
+    got: dict[str, str] = {}
+    server = bulk_backend(backend_factory, size, got)
+    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"], pump=pump)
+    bulk_both_ways(gw, server, size, got)
     assert metric(gw.admin_port, "meshgw_bytes_total", route_kind="local_server",
                   datacenter="dc1", direction="downstream") == size  # fmt: skip
+
+
+@pytest.mark.parametrize("shortage", ["budget", "emfile"])
+def test_no_pipe_to_be_had_moves_the_burst_through_userspace(
+    gateway_factory, backend_factory, monkeypatch, shortage
+):
+    got: dict[str, str] = {}
+    server = bulk_backend(backend_factory, 16 << 20, got)
+    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"], pump="splice")
+    if shortage == "budget":
+        gw.call(lambda: setattr(gw.gateway.listener.pipes, "max_pipes", 0))
+    else:
+
+        def out_of_descriptors(flags: int) -> tuple[int, int]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(splice.os, "pipe2", out_of_descriptors)
+    bulk_both_ways(gw, server, 16 << 20, got)
+    assert metric(gw.admin_port, "meshgw_splice_pipe_shortages_total") > 0
+    assert metric(gw.admin_port, "meshgw_splice_pipes_open") == 0
+
+
+async def test_a_handler_that_raises_does_not_lose_the_other_events() -> None:
+    loop = asyncio.get_running_loop()
+    failures: list[tuple[object, Exception]] = []
+    delivered: asyncio.Future[int] = loop.create_future()
+    poller = Poller(loop, lambda handler, error: failures.append((handler, error)))
+    pairs = [socket.socketpair() for _ in range(2)]
+
+    def broken(events: int) -> None:
+        raise RuntimeError("a bug")
+
+    try:
+        poller.register(pairs[0][0].fileno(), broken)
+        poller.register(pairs[1][0].fileno(), delivered.set_result)
+        for _, peer in pairs:
+            peer.send(b"x")
+        await asyncio.wait_for(delivered, WAIT)  # one batch delivers both events
+        assert [handler for handler, _ in failures] == [broken]
+    finally:
+        poller.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_half_close_each_way(gateway_factory, backend_factory):
@@ -435,7 +503,7 @@ def test_max_connections(gateway_factory):
 
 
 class FakeLimits:
-    """RLIMIT_NOFILE as connection_cap sees it, without touching this process's own."""
+    """RLIMIT_NOFILE as the descriptor budget sees it, without touching this process's own."""
 
     def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
         self.soft, self.hard, self.refuse = soft, hard, refuse
@@ -450,36 +518,37 @@ class FakeLimits:
 
 
 @pytest.mark.parametrize(
-    ("requested", "soft", "hard", "cap", "soft_after"),
+    ("requested", "soft", "hard", "budget", "soft_after"),
     [
-        (None, 1024, 20000, (20000 - 256) // 2, 20000),  # auto: up to the hard limit
-        (None, 20000, 20000, (20000 - 256) // 2, 20000),
-        (None, 1024, resource.RLIM_INFINITY, 65536, 2 * 65536 + 256),  # at most 65,536
-        (None, 300, 300, 64, 300),  # a tiny limit still leaves a usable cap
-        (100, 1024, 20000, 100, 1024),  # enough already: left alone
-        (5000, 1024, 20000, 5000, 10256),  # raised to what the cap needs
-        (50000, 1024, 20000, 50000, 20000),  # as far as it goes (and a warning)
+        # auto: up to the hard limit; 2 descriptors a connection, 2 a pipe, at most 512 pipes
+        (None, 1024, 20000, (9360, 512), 20000),
+        (None, 20000, 20000, (9360, 512), 20000),
+        (None, 2048, 2048, (716, 179), 2048),  # a pipe per 4 connections below the pipe cap
+        (None, 1024, resource.RLIM_INFINITY, (65536, 512), 2 * 65536 + 2 * 512 + 256),
+        (None, 300, 300, (64, 16), 300),  # a tiny limit still leaves a usable cap
+        (100, 1024, 20000, (100, 25), 1024),  # enough already: left alone
+        (5000, 1024, 20000, (5000, 512), 11280),  # raised to what the cap needs
+        (50000, 1024, 20000, (50000, 512), 20000),  # as far as it goes (and a warning)
     ],
 )
-def test_connection_cap_follows_the_open_file_limit(
-    monkeypatch, requested, soft, hard, cap, soft_after
+def test_descriptor_budget_follows_the_open_file_limit(
+    monkeypatch, requested, soft, hard, budget, soft_after
 ):
-    from meshgw import app
-
     limits = FakeLimits(soft, hard)
-    monkeypatch.setattr(app.resource, "getrlimit", limits.getrlimit)
-    monkeypatch.setattr(app.resource, "setrlimit", limits.setrlimit)
-    assert app.connection_cap(requested) == cap
+    monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
+    found = DescriptorBudget.for_limit(requested)
+    assert (found.connections, found.pipes) == budget
     assert limits.soft == soft_after
+    if requested is None and found.connections > MIN_AUTO_CONNECTIONS:
+        assert descriptors_for(found.connections) <= limits.soft  # everything fits
 
 
-def test_connection_cap_when_the_limit_cannot_be_raised(monkeypatch, caplog):
-    from meshgw import app
-
+def test_descriptor_budget_when_the_limit_cannot_be_raised(monkeypatch, caplog):
     limits = FakeLimits(1024, 20000, refuse=True)
-    monkeypatch.setattr(app.resource, "getrlimit", limits.getrlimit)
-    monkeypatch.setattr(app.resource, "setrlimit", limits.setrlimit)
-    assert app.connection_cap(None) == (1024 - 256) // 2
+    monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
+    assert DescriptorBudget.for_limit(None) == DescriptorBudget(307, 76)
     assert "cannot raise the open-file limit" in caplog.text
 
 
@@ -489,9 +558,12 @@ def test_default_cap_is_what_the_descriptors_allow(gateway_process):
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     gw = gateway_process("--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
     gw.wait_listening()
-    found = gw.wait_for(r"max_connections=(\d+)")
-    expected = 65536 if hard == resource.RLIM_INFINITY else min(65536, (hard - 256) // 2)
-    assert int(found.group(1)) == expected
+    found = int(gw.wait_for(r"max_connections=(\d+)").group(1))
+    if hard == resource.RLIM_INFINITY:
+        assert found == MAX_AUTO_CONNECTIONS
+    else:
+        assert descriptors_for(found) <= hard < descriptors_for(found + 1)
+        assert hard < 20000 or found >= 9000
 
 
 def test_idle_timeout_closes_quiet_connections(gateway_factory, backend_factory):
@@ -691,3 +763,93 @@ def test_out_of_descriptors_pauses_accepting_without_spinning(gateway_process, b
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the descriptor limit with bulk transfers ---------------------------------------------------
+
+
+STREAM_CHUNKS = 64  # of 64 KiB: 4 MiB, more than a loopback send buffer takes (about 3 MB)
+
+
+def _chunk_of(seed: int) -> bytes:
+    return hashlib.sha256(seed.to_bytes(4, "big")).digest() * 2048  # 64 KiB
+
+
+async def _send_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A backend that answers a hello carrying a seed with that seed's 4 MiB stream."""
+    hello = await reader.readexactly(len(python_hello("n.server.dc1.consul")) + 4)
+    chunk = _chunk_of(int.from_bytes(hello[-4:], "big"))
+    for _ in range(STREAM_CHUNKS):
+        writer.write(chunk)
+        await writer.drain()
+    writer.close()
+
+
+async def _held_reader(port: int, seed: int, go: asyncio.Event) -> bool:
+    """Ask for a stream, take its first bytes, then hold the rest until `go`: meanwhile the
+    gateway's flow towards this client is paused, holding a pipe if it got one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(python_hello("n.server.dc1.consul") + seed.to_bytes(4, "big"))
+    digest = hashlib.sha256(await reader.readexactly(1))
+    await go.wait()
+    while chunk := await reader.read(1 << 16):
+        digest.update(chunk)
+    writer.close()
+    return digest.digest() == hashlib.sha256(_chunk_of(seed) * STREAM_CHUNKS).digest()
+
+
+async def _pipes_short(gw: GatewayProcess, limit: int) -> None:
+    """Until no pipe can be had: the gateway counted a shortage, or it holds every descriptor
+    it may open (then its admin port cannot answer either, so ask /proc)."""
+    deadline = time.monotonic() + 60
+    while open_fds(gw.proc.pid) < limit - 2:
+        with contextlib.suppress(OSError):
+            shortages = metric(gw.admin_port, "meshgw_splice_pipe_shortages_total")
+            if shortages > 0:
+                return
+        assert time.monotonic() < deadline, "pipes never ran short"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("transfers", "max_connections"),
+    [
+        (280, 300),  # the pipe budget (75) runs out first
+        (420, 2000),  # the open-file limit runs out first: pipe2 fails with EMFILE
+    ],
+)
+async def test_bulk_at_the_descriptor_limit_never_stalls(
+    gateway_process, transfers: int, max_connections: int
+) -> None:
+    server = await asyncio.start_server(_send_stream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-access-log",
+        "--expose-servers", "--server", f"n=127.0.0.1:{port}", "--pump", "splice",
+        "--max-connections", str(max_connections),
+    ).wait_listening()  # fmt: skip
+    baseline = open_fds(gw.proc.pid)
+    resource.prlimit(gw.proc.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+    go = asyncio.Event()
+    readers = [asyncio.create_task(_held_reader(gw.port, seed, go)) for seed in range(transfers)]
+    try:
+        # Every client reads only once pipes ran short: from then on some flows can move
+        # only through userspace.
+        await _pipes_short(gw, 1024)
+        go.set()
+        results = await asyncio.wait_for(asyncio.gather(*readers), 120)
+    finally:
+        for task in readers:
+            task.cancel()
+        server.close()
+    assert all(results)
+    assert metric(gw.admin_port, "meshgw_splice_pipe_shortages_total") > 0
+    # Every descriptor is back but the pipes kept for reuse (and the admin request's socket).
+    deadline = time.monotonic() + WAIT
+    while True:
+        pipes = await asyncio.to_thread(metric, gw.admin_port, "meshgw_splice_pipes_open")
+        if open_fds(gw.proc.pid) <= baseline + 2 * pipes + 2:
+            break
+        assert time.monotonic() < deadline, (open_fds(gw.proc.pid), baseline, pipes)
+        await asyncio.sleep(0.05)

@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ class DataPlaneConfig:
     idle_timeout: float | None = None
     max_hello_bytes: int = 65536
     max_connections: int = 8192
+    max_pipes: int = 512
     pump: str = "auto"  # auto | splice | userspace
     access_log: bool = True
     backlog: int = 4096
@@ -461,9 +462,14 @@ class Listener:
         self.connections: set[Connection] = set()
         self.view = memoryview(bytearray(BUFFER_SIZE))
         use_splice = SPLICE_AVAILABLE and config.pump != "userspace"
-        self.pipes: PipePool | None = PipePool() if use_splice else None
+        self.pipes: PipePool | None = PipePool(config.max_pipes) if use_splice else None
         self.pump_mode = config.pump if use_splice else "userspace"
-        self.poller = Poller(loop)
+        pipes = self.pipes
+        if pipes is not None:
+            self.stats.pipe_shortages = lambda: pipes.shortages
+            self.stats.pipes_open = lambda: pipes.open
+        self.poller = Poller(loop, self._handler_failed)
+        self._failures_logged: set[str] = set()
         self.hello_deadlines = Deadlines(config.hello_timeout)
         self.connect_deadlines = Deadlines(config.connect_timeout)
         self.sock: socket.socket | None = None
@@ -607,6 +613,17 @@ class Listener:
                 self.loop.add_reader(sock.fileno(), self._on_accept)
 
         self.loop.call_later(self._accept_delay, resume)
+
+    def _handler_failed(self, handler: Callable[[int], None], error: Exception) -> None:
+        """A bug met by one connection's handler: close that connection, count, log once."""
+        self.stats.internal_errors += 1
+        signature = f"{type(error).__name__}: {error}"
+        if signature not in self._failures_logged and len(self._failures_logged) < 100:
+            self._failures_logged.add(signature)
+            log.error("connection handler failed; closing that connection", exc_info=error)
+        owner = getattr(handler, "__self__", None)
+        if isinstance(owner, Connection):
+            owner.close("internal_error")
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)

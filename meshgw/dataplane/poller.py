@@ -29,15 +29,19 @@ else:  # pragma: no cover - the data plane needs Linux epoll
 MAX_EVENTS = 512
 
 Handler = Callable[[int], None]
+FailureHandler = Callable[[Handler, Exception], None]
 
 
 class Poller:
-    __slots__ = ("_epoll", "_loop", "handlers")
+    __slots__ = ("_epoll", "_loop", "failed", "handlers")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, failed: FailureHandler) -> None:
         self._loop = loop
         self._epoll = select.epoll()
         self.handlers: dict[int, Handler] = {}
+        # A handler that raises must not take the rest of the batch with it: with edge
+        # triggering, an event not delivered now is never reported again.
+        self.failed = failed
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def register(self, fd: int, handler: Handler) -> None:
@@ -56,7 +60,10 @@ class Poller:
             # A descriptor closed earlier in this batch may be reused already; a stale edge
             # only makes a handler find nothing to read or write.
             if handler is not None:
-                handler(events)
+                try:
+                    handler(events)
+                except Exception as error:
+                    self.failed(handler, error)
 
     def close(self) -> None:
         """Idempotent: drain and shutdown paths may both get here."""

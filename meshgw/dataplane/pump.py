@@ -94,8 +94,7 @@ class Flow:
         """
         if self.paused or self.eof:
             return
-        if self.splice:
-            self._splice()
+        if self.splice and self._splice():
             return
         view = self.view
         size = len(view)
@@ -127,8 +126,9 @@ class Flow:
             if n == size:
                 if self.splice_when_bulk:
                     self.splice = True
-                    self._splice()
-                    return
+                    if self._splice():
+                        return
+                    # No pipe to be had: this burst goes on through userspace.
             elif not until_eof:
                 return  # a short read drained the socket
 
@@ -160,7 +160,9 @@ class Flow:
 
     # --- splice path --------------------------------------------------------------------------
 
-    def _splice(self) -> None:
+    def _splice(self) -> bool:
+        """Move a burst through a pipe until `src` is drained or `dst` is full. False when no
+        pipe could be had (nothing was read): the caller moves the burst in userspace."""
         pool = self.pool
         assert pool is not None
         src_fd = self.src_fd
@@ -168,24 +170,26 @@ class Flow:
             pipe = self.pipe
             if pipe is None:
                 pipe = self.pipe = pool.take()
+                if pipe is None:
+                    return False
             want = pool.capacity or BUFFER_SIZE
             try:
                 n = os.splice(src_fd, pipe[1], want, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 self._release_pipe()
-                return
+                return True
             except OSError as error:
                 self.owner.abort(self.src, error)
-                return
+                return True
             if n == 0:
                 self._release_pipe()
                 self.at_eof()
-                return
+                return True
             self.bytes += n
             self.in_pipe = n
             if not self._splice_out():
                 self.paused = True  # keep the pipe and its bytes until dst drains
-                return
+                return True
             # No early stop on a short splice: a pipe also fills up by slots (one per socket
             # buffer), so a short count does not prove the socket drained. Read to EAGAIN.
 
@@ -225,7 +229,7 @@ class Flow:
         """Give back or close the pipe when the connection closes."""
         if self.pipe is not None:
             if self.in_pipe:
-                PipePool.discard(self.pipe)  # bytes left in it: never reuse
+                self.pool.discard(self.pipe)  # type: ignore[union-attr]  # bytes left: never reuse
             else:
                 self.pool.give(self.pipe)  # type: ignore[union-attr]
             self.pipe = None

@@ -21,21 +21,39 @@ PIPE_CAPACITY = 256 * 1024
 
 
 class PipePool:
-    """Non-blocking pipes kept for reuse; at most `max_free` idle pipes are kept open."""
+    """Non-blocking pipes kept for reuse, within a budget of open pipes.
 
-    __slots__ = ("_free", "_max_free", "capacity")
+    `take` answers None when the budget is spent or the kernel refuses a new pipe (out of
+    descriptors or memory): the caller then moves that burst through userspace. At most
+    `max_free` idle pipes are kept open.
+    """
 
-    def __init__(self, max_free: int = 64, capacity: int = PIPE_CAPACITY) -> None:
+    __slots__ = ("_free", "_max_free", "capacity", "max_pipes", "open", "shortages")
+
+    def __init__(
+        self, max_pipes: int = 512, max_free: int = 64, capacity: int = PIPE_CAPACITY
+    ) -> None:
         self._free: list[tuple[int, int]] = []
         self._max_free = max_free
+        self.max_pipes = max_pipes
+        self.open = 0  # pipes open: in use and free
+        self.shortages = 0  # times a pipe was wanted and none could be had
         # 0 keeps the kernel default (64 KiB). Every pipe counts against the per-user pipe page
         # quota; when a larger one is refused, the default is used from then on.
         self.capacity = capacity
 
-    def take(self) -> tuple[int, int]:
+    def take(self) -> tuple[int, int] | None:
         if self._free:
             return self._free.pop()
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.open >= self.max_pipes:
+            self.shortages += 1
+            return None
+        try:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # EMFILE, ENFILE, ENOMEM: no pipe now, userspace will do
+            self.shortages += 1
+            return None
+        self.open += 1
         if self.capacity:
             try:
                 fcntl.fcntl(write_end, F_SETPIPE_SZ, self.capacity)
@@ -50,8 +68,8 @@ class PipePool:
         else:
             self.discard(pipe)
 
-    @staticmethod
-    def discard(pipe: tuple[int, int]) -> None:
+    def discard(self, pipe: tuple[int, int]) -> None:
+        self.open -= 1
         os.close(pipe[0])
         os.close(pipe[1])
 
