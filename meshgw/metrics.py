@@ -23,7 +23,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-# ALPN protocols Consul offers across gateways (CONSUL.md §5); anything else is counted as "other".
+# ALPN protocols Consul offers across gateways (docs/consul.md#alpn-names); anything else is
+# counted as "other".
 CONSUL_ALPN = frozenset(
     {
         "consul/rpc-single",

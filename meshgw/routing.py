@@ -1,9 +1,10 @@
 """The route table: SNI name → cluster of endpoints, as Consul's mesh gateway routes.
 
 `RouteTable.build(topology)` turns a Topology into an immutable table; `table.resolve(sni)` gives
-the Route or None. Matching follows Envoy's rule as Consul configures it (CONSUL.md §3): an exact
-name first, then the longest wildcard suffix (a wildcard matches one or more labels); anything else
-is refused. meshgw never resolves a name it was not told about: it is not an open proxy.
+the Route or None. Matching follows Envoy's rule as Consul configures it
+(docs/consul.md#matching-rule): an exact name first, then the longest wildcard suffix (a wildcard
+matches one or more labels); anything else is refused. meshgw never resolves a name it was not told
+about: it is not an open proxy.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Consul's SNI grammar (CONSUL.md §2): format and parse tables, round trips, validators."""
+"""Consul's SNI grammar (docs/consul.md#sni-names): format and parse tables, round trips and
+validators."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from meshgw.wire.names import (
 from tests.hellos import TRUST_DOMAIN as TD
 
 # ---------------------------------------------------------------------------------------------
-# Formatting, by the examples and rules of CONSUL.md §2.
+# Formatting, by the examples and rules of docs/consul.md#sni-names.
 
 FORMATS = [
     (server_sni("dc2", "consul", "consul-server-0"), "consul-server-0.server.dc2.consul"),

@@ -1,4 +1,5 @@
-"""Route table rules (CONSUL.md §3): exact first, longest wildcard suffix, the rest refused."""
+"""Route table rules (docs/consul.md#matching-rule): exact first, longest wildcard suffix, the
+rest refused."""
 
 from __future__ import annotations
 

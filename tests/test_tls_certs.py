@@ -1,4 +1,4 @@
-"""`meshgw tls`: CA and agent certificates as `consul tls` makes them (CONSUL.md §6).
+"""`meshgw tls`: CA and agent certificates as `consul tls` makes them (docs/consul.md#tls-material).
 
 Fields are read back with `cryptography`; the certificates are then used for real: a Python `ssl`
 mutual-TLS handshake over loopback and `openssl verify`.

@@ -1,6 +1,6 @@
 """Consul's JSON → topology values. Pure: documents in, endpoints out, nothing else.
 
-The address rules are Consul's own (CONSUL.md §3, §4): a local server is reached at its
+The address rules are Consul's own (docs/consul.md#address-choice): a local server is reached at its
 `BestAddress(false)` (service Address, else node Address) on the `consul` service port; a remote
 gateway at its `BestAddress(true)` (service `wan` tagged address, else service Address, else node
 `wan` tagged address, else node Address). Whatever does not fit those shapes is skipped and

@@ -9,9 +9,10 @@ Three parts:
 - `ConsulClient` sends one request and turns every way it can fail into one exception type with
   a message that names the address, the request and the fix (`ConsulUnavailable`,
   `ConsulForbidden`, `ConsulHTTPError`, `ConsulBadResponse`).
-- `BlockingQuery` (or `watch()`) follows a blocking endpoint as CONSUL.md §7 prescribes: index
-  from X-Consul-Index, reset when it goes backwards, never below 1, a token-bucket rate limit,
-  exponential backoff with full jitter on errors, and a yield only when the index moved.
+- `BlockingQuery` (or `watch()`) follows a blocking endpoint by Consul's rules
+  (docs/consul.md#blocking-queries): index from X-Consul-Index, reset when it goes backwards, never
+  below 1, a token-bucket rate limit, exponential backoff with full jitter on errors, and a yield
+  only when the index moved.
 """
 
 from __future__ import annotations
@@ -833,7 +834,8 @@ def _header_int(value: str | None) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """Token bucket for a watch loop (CONSUL.md §7: "rate-limit the loop ... burst 2")."""
+    """Token bucket for a watch loop: Consul asks clients to rate-limit blocking loops, burst 2
+    (docs/consul.md#blocking-queries)."""
 
     rate: float = 1.0  # requests per second, sustained; math.inf disables the limit
     burst: int = 2
@@ -896,7 +898,7 @@ class BlockingQuery:
     calls `on_recover(failures)`. `state`, `last` (the last good answer) and `last_error` are
     there to read at any time. Cancel the iterating task to stop.
 
-    The index rules (CONSUL.md §7, "blocking.mdx"):
+    The index rules (docs/consul.md#blocking-queries):
     - the first request has no index: it answers at once;
     - then the index is the answer's X-Consul-Index; the next request blocks until it moves;
     - an answer whose index is lower than the one sent means the index went backwards (snapshot

@@ -1,6 +1,7 @@
 """Simulated Consul servers: TLS endpoints that behave like Consul servers towards a gateway.
 
-Towards the gateway they are what a wanfed Consul server is (CONSUL.md §2, §5, §6):
+Towards the gateway they are what a wanfed Consul server is (docs/consul.md#server-dialing,
+#alpn-and-gossip and #tls-material):
 - they accept only TLS, present their own `<node>.server.<dc>.consul` certificate, refuse a server
   name that is not theirs, require a client certificate signed by the agent CA, and dispatch on the
   ALPN protocol (`consul/rpc-multi`, `consul/wan-gossip/packet`, `consul/wan-gossip/stream`);

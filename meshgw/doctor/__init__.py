@@ -1,14 +1,14 @@
 """`meshgw doctor`: the WAN-federation-via-mesh-gateways bootstrap checklist, automated.
 
-It asks a live setup, through the Consul HTTP API and the gateways' listeners, what CONSUL.md's
-"most often gets wrong" list warns about:
+It asks a live setup, through the Consul HTTP API and the gateways' listeners, what the list of
+common mistakes in docs/consul.md#common-mistakes warns about:
 
 1. ``agent``: the agent answers /v1/agent/self (datacenter, primary, domain);
 2. ``gateways``: every datacenter has a healthy mesh gateway with Meta consul-wan-federation=1,
    and no datacenter mixes gateways with and without it (list item 1 and 9);
 3. ``wan-address``: every wanfed gateway has a ``wan`` tagged address (item 2);
 4. ``federation-state``: a federation state exists for every datacenter;
-5. ``forwarding``: ``?dc=X`` requests reach every remote datacenter (CONSUL.md §8);
+5. ``forwarding``: ``?dc=X`` requests reach every remote datacenter (docs/consul.md#verification);
 6. ``names``: datacenter and server node names have no dots (item 10, wanfed.SplitNodeName);
 7. ``tls``: ``server.<dc>.<domain>`` (and each known ``<node>.server.<dc>.<domain>``) of every
    remote datacenter answers a TLS handshake through a local gateway, with a certificate valid

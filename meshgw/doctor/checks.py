@@ -3,10 +3,10 @@ datacenters, gateways, WAN addresses, federation states, forwarding, names).
 
 Where the gateways come from: the federation states' mesh-gateway list
 (/v1/internal/federation-states/mesh-gateways), because it is exactly what a server's gateway
-locator reads (CONSUL.md §4), it lists gateways by Kind whatever their service name, and it needs
-no cross-datacenter forwarding -- the very thing that is broken while federation bootstraps. A
-datacenter missing from that list (or the whole list, when unavailable) is looked up in its
-catalog with /v1/health/service/mesh-gateway?dc=X, to tell "nothing registered" from
+locator reads (docs/consul.md#gateway-locator), it lists gateways by Kind whatever their service
+name, and it needs no cross-datacenter forwarding -- the very thing that is broken while federation
+bootstraps. A datacenter missing from that list (or the whole list, when unavailable) is looked up
+in its catalog with /v1/health/service/mesh-gateway?dc=X, to tell "nothing registered" from
 "registered, but the servers do not know it".
 """
 
@@ -230,7 +230,8 @@ def check_agent(address: str, document: Outcome) -> tuple[list[Check], AgentIden
         + (f", node {identity.node}" if identity.node else "")
     )
     results: list[Check] = []
-    # A server needs the feature switched on; a client agent does not care (§1 prerequisites).
+    # A server needs the feature switched on; a client agent does not care
+    # (docs/consul.md#server-settings).
     if debug.get("ServerMode") is True and (
         debug.get("ConnectEnabled") is False
         or debug.get("ConnectMeshGatewayWANFederationEnabled") is False
@@ -558,7 +559,8 @@ def check_federation_states(
 
 
 def check_forwarding(local_dc: str, dc: str, document: Outcome, timeout: float) -> Check:
-    """/v1/catalog/services?dc=<dc>: a request the servers must forward (CONSUL.md §8)."""
+    """/v1/catalog/services?dc=<dc>: a request the servers must forward
+    (docs/consul.md#verification)."""
     if not isinstance(document, Failure):
         count = len(document) if isinstance(document, Mapping) else 0
         return passed(FORWARDING, dc, f"?dc={dc} answered ({count} services)")

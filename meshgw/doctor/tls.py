@@ -33,7 +33,8 @@ __all__ = [
     "tls_probe",
 ]
 
-ALPN = "consul/rpc-multi"  # what a server offers when it dials another DC's server (§4)
+# What a server offers when it dials another DC's server (docs/consul.md#server-dialing).
+ALPN = "consul/rpc-multi"
 DEFAULT_TIMEOUT = 5.0
 # After a TLS 1.3 handshake the client cannot tell yet whether the server accepted its
 # certificate: the verdict is a session ticket (accepted) or an alert (refused). A server that
@@ -368,7 +369,8 @@ def tls_subjects(dc: str, domain: str, servers: Outcome | None) -> tuple[list[st
 
 def local_gateway_addresses(document: Outcome) -> list[tuple[str, int]]:
     """The local datacenter's wanfed gateways as its servers dial them: LAN best address
-    (service Address, else node Address) and service Port, critical ones left out (§4)."""
+    (service Address, else node Address) and service Port, critical ones left out
+    (docs/consul.md#gateway-locator)."""
     out: list[tuple[str, int]] = []
     for entry in mesh_gateways(document):
         if not is_wanfed(entry) or "critical" in check_statuses(entry):

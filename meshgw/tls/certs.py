@@ -5,10 +5,10 @@ A pure library: no click, no printing. `create_ca` and `create_cert` return PEM 
 user can cause is a `CertError` whose message names the input and the fix, so the CLI only has to
 print it.
 
-Fidelity notes (see CONSUL.md §6): ECDSA P-256 keys as SEC1 `EC PRIVATE KEY`, random serials below
-2**128, SubjectKeyId = SHA-256 of the PKIX public key DER (raw 32 bytes, as newer consul does), the
-same subject, extensions and SAN order as consul, and the new certificate is verified against the
-CA before anyone sees it.
+Fidelity notes (see docs/consul.md#tls-material): ECDSA P-256 keys as SEC1 `EC PRIVATE KEY`, random
+serials below 2**128, SubjectKeyId = SHA-256 of the PKIX public key DER (raw 32 bytes, as newer
+consul does), the same subject, extensions and SAN order as consul, and the new certificate is
+verified against the CA before anyone sees it.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def check_cert_request(
             "a --cli certificate names just cli.<dc>.<domain> and localhost"
         )
     for name in dnsnames:
-        # A leading '*.' is allowed: servers accept *.server.<dc>.<domain> (CONSUL.md §6).
+        # A leading '*.' is allowed: servers accept *.server.<dc>.<domain>
+        # (docs/consul.md#tls-material).
         _check_domain(name, "--additional-dnsname", "gw.example.com", prefixes=("*.",))
 
 

@@ -1,4 +1,4 @@
-"""Consul's SNI grammar (CONSUL.md §2): parse and format, both ways.
+"""Consul's SNI grammar (docs/consul.md#sni-names): parse and format, both ways.
 
 Two families of names cross a mesh gateway:
 
