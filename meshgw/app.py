@@ -248,7 +248,13 @@ class Gateway:
         except OSError as error:
             raise SettingsError(f"--listen {settings.listen}: {error.strerror}") from None
         listener = self.listener
-        admin = AdminServer(self.admin_views(), settings.admin.host, settings.admin.port)
+        admin = AdminServer(
+            self.admin_views(),
+            settings.admin.host,
+            settings.admin.port,
+            stats=self.metrics.admin,
+            allowed_hosts=settings.admin_allowed_host,
+        )
         try:
             await admin.start()
         except OSError as error:

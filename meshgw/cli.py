@@ -56,6 +56,12 @@ SETTINGS_OPTIONS: list[Callable[[Any], Any]] = [
     ),
     click.option("--service-name", help=_help("service_name") + " [mesh-gateway]"),
     click.option("--admin", metavar="HOST:PORT", help="Admin/metrics address [127.0.0.1:19100]."),
+    click.option(
+        "--admin-allowed-host",
+        multiple=True,
+        metavar="NAME",
+        help=_help("admin_allowed_host") + " (repeatable).",
+    ),
     click.option("--hello-timeout", metavar="SECONDS", help=_help("hello_timeout") + " [10]"),
     click.option("--connect-timeout", metavar="SECONDS", help=_help("connect_timeout") + " [5]"),
     click.option("--idle-timeout", metavar="SECONDS", help=_help("idle_timeout")),

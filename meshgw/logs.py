@@ -57,5 +57,3 @@ def configure(log_format: str = "text", level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiohttp logs every admin request at INFO; that is noise next to the access log.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

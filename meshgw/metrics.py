@@ -210,6 +210,45 @@ class _DataPlaneCollector(Collector):
         yield connect
 
 
+class AdminStats:
+    """What the admin port counts, as plain integers like the data plane's."""
+
+    __slots__ = ("refused", "requests")
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[str, int] = defaultdict(int)  # by status code
+        self.refused: defaultdict[str, int] = defaultdict(int)  # by reason
+
+    def answered(self, status: int) -> None:
+        self.requests[str(status)] += 1
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+
+
+class _AdminCollector(Collector):
+    def __init__(self, stats: AdminStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        answered = CounterMetricFamily(
+            "meshgw_admin_requests", "Admin requests answered, by status code.", labels=["code"]
+        )
+        for code, count in sorted(self.stats.requests.items()):
+            answered.add_metric([code], count)
+        yield answered
+        refused = CounterMetricFamily(
+            "meshgw_admin_refused",
+            "Admin connections or requests refused or cut: evicted (closed to make room for a "
+            "newer one), connection_limit, request_timeout, idle_timeout, malformed, host (a "
+            "Host header that is not allowed).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.stats.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+
+
 class Metrics:
     """A gateway's registry: the data plane's counters and the control plane's gauges."""
 
@@ -218,6 +257,8 @@ class Metrics:
         ProcessCollector(registry=registry)
         self.dataplane = DataPlaneStats()
         registry.register(_DataPlaneCollector(self.dataplane))
+        self.admin = AdminStats()
+        registry.register(_AdminCollector(self.admin))
         self.routes = Gauge(
             "meshgw_routes",
             "Routes in the current route table, by kind.",

@@ -229,6 +229,20 @@ def parse_services(value: Any) -> dict[str, list[Address]]:
     return services
 
 
+def parse_host_names(value: Any) -> list[str]:
+    raw = value if isinstance(value, list | tuple) else str(value).split(",")
+    names = []
+    for item in raw:
+        text = str(item).strip()
+        if not text:
+            continue
+        name = normalize_host_name(text)
+        if name is None:
+            raise ValueError(f"{text!r} is not a DNS host name")
+        names.append(name)
+    return names
+
+
 def parse_address_list(value: Any) -> list[Address]:
     raw = value if isinstance(value, list | tuple) else str(value).split(",")
     return [parse_address(item) for item in raw if str(item).strip()]
@@ -273,6 +287,11 @@ class Settings:
     workers: int = _opt(0, parse_workers, "worker processes on the port (auto: one per usable CPU)")
     # faces
     admin: Address = _opt(Address("127.0.0.1", 19100), parse_listen, "admin/metrics address")
+    admin_allowed_host: list[str] = _opt(
+        [],
+        parse_host_names,
+        "a host name the admin port answers to, besides IP addresses and localhost",
+    )
     access_log: bool = _opt(True, parse_bool, "one log line per connection")
     log_format: str = _opt("text", choice("text", "json"), "log format")
     log_level: str = _opt("info", choice("debug", "info", "warning", "error"), "log level")
