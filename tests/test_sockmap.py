@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from meshgw.dataplane import bpf
+from meshgw.dataplane import bpf, sockmap
 from meshgw.dataplane.sockmap import (
     JOINED_EVENTS,
     KernelTunnels,
@@ -375,6 +375,26 @@ def test_answer_queued_before_the_join_reaches_a_silent_client(proxy):
     assert recv_exactly(leg.client, len(answer) - 4000) == answer[4000:]
 
 
+@needs_bpf
+def test_bytes_arriving_during_the_join_reach_a_silent_client(proxy, monkeypatch):
+    """Edge (b) proper: the answer lands after join's catch-up found nothing queued and
+    before the socket is in the map; only the SO_RCVLOWAT kick gets it moving."""
+    leg = proxy.leg()
+    answer = b"".join(stream(b"late answer", 3000))
+    real = sockmap.exact_sent_bytes
+
+    def answer_now(sock: socket.socket) -> int:
+        if sock is leg.upstream and not queued(leg.upstream):
+            leg.server.sendall(answer)
+            wait_for(lambda: queued(leg.upstream) == len(answer))
+        return real(sock)
+
+    monkeypatch.setattr(sockmap, "exact_sent_bytes", answer_now)
+    proxy.join(leg)
+    leg.client.settimeout(WAIT)
+    assert recv_exactly(leg.client, len(answer)) == answer
+
+
 def recv_exactly_nonblocking(sock: socket.socket, n: int) -> bytes:
     sock.setblocking(True)
     sock.settimeout(WAIT)
@@ -589,6 +609,7 @@ def test_a_slow_reader_bounds_what_the_kernel_holds():
         total = 256 * MiB
         client = Endpoint(leg.client, stream(b"flood", total))
         proxy.run(lambda: tunnels.forwarder.counters(tunnel.forward)[1] > 0)  # passing began
+        proxy.run(lambda: tunnels.events > 0)  # and the program said so through the ring
         proxy.run(lambda: peer_window(leg.client) == 0)  # TCP stopped the client
         accepted = acked(leg.client)
         assert accepted < credit + 48 * MiB, accepted  # buffers, not the stream

@@ -99,7 +99,7 @@ CREDIT = 4 << 20  # most bytes the kernel holds for one direction beyond the soc
 CATCH_UP_LIMIT = 1 << 20  # most bytes `join` forwards itself before it gives up ("busy")
 BUFFER_SIZE = 256 * 1024
 RETRY_MIN, RETRY_MAX = 0.001, 0.064  # forwarding passed bytes: retry delays while dst is full
-SCAN_PERIOD = 1.0  # a look at every tunnel for events the full ring buffer could not take
+SCAN_PERIOD = 5.0  # a look at every tunnel for an event a full ring buffer could not take
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 SIOCOUTQ = termios.TIOCOUTQ
 TCP_INFO_SIZE = 128
@@ -317,7 +317,8 @@ class KernelTunnels:
         self._cookies: set[int] = set()
         self._passing: set[Direction] = set()
         self._next_scan = 0.0
-        self.refusals: dict[str, int] = {}
+        self.refusals: dict[str, int] = {}  # join refusals by reason, for metrics
+        self.events = 0  # records the program posted, for metrics
 
     def __len__(self) -> int:
         return len(self._by_slot) // 2
@@ -432,6 +433,7 @@ class KernelTunnels:
         assert ring is not None
         now = time.monotonic()
         for record in ring.records():
+            self.events += 1
             entry = self._by_slot.get(int.from_bytes(record[:4], "little"))
             if entry is not None:
                 self._attend(entry[1], now)

@@ -137,8 +137,9 @@ def _post(asm: Asm, events: int) -> None:
 
 
 def ring_size(slots: int) -> int:
-    """Room for two outstanding events per slot, as a power-of-two number of pages."""
-    need = max(slots * 2 * EVENT_STRIDE, 16 * 4096)
+    """Room for four outstanding events per slot (a slot has at most one per renewal and one
+    per pass episode, and both wait for userspace), as a power-of-two number of pages."""
+    need = max(slots * 4 * EVENT_STRIDE, 16 * 4096)
     return 1 << (need - 1).bit_length()
 
 
