@@ -31,7 +31,7 @@ from meshgw.dataplane.sockmap import (
     sockmap_unavailable,
 )
 from meshgw.dataplane.tunnel_program import verdict_program
-from tests.conftest import WAIT, open_fds, stream
+from tests.conftest import WAIT, eventually, open_fds, stream
 
 UNAVAILABLE = sockmap_unavailable()
 needs_bpf = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
@@ -367,7 +367,7 @@ def test_answer_queued_before_the_join_reaches_a_silent_client(proxy):
     assert recv_exactly(leg.server, 5) == b"hello"
     answer = b"".join(stream(b"answer", 300 * 1024))
     leg.server.sendall(answer[:4000])  # queued on the upstream socket, unread
-    wait_for(lambda: queued(leg.upstream) == 4000)
+    eventually(lambda: queued(leg.upstream) == 4000)
     proxy.join(leg)
     leg.client.settimeout(WAIT)
     assert recv_exactly(leg.client, 4000) == answer[:4000]
@@ -386,7 +386,7 @@ def test_bytes_arriving_during_the_join_reach_a_silent_client(proxy, monkeypatch
     def answer_now(sock: socket.socket) -> int:
         if sock is leg.upstream and not queued(leg.upstream):
             leg.server.sendall(answer)
-            wait_for(lambda: queued(leg.upstream) == len(answer))
+            eventually(lambda: queued(leg.upstream) == len(answer))
         return real(sock)
 
     monkeypatch.setattr(sockmap, "exact_sent_bytes", answer_now)
@@ -409,13 +409,6 @@ def queued(sock: socket.socket) -> int:
     import termios
 
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-
-
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
 
 
 # --- the end of a stream --------------------------------------------------------------------
@@ -567,7 +560,7 @@ def test_catch_up_refuses_when_upstream_cannot_take_the_backlog(proxy):
     leg.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     early = b"".join(stream(b"early", 2 * MiB))
     client = Endpoint(leg.client, [early])
-    wait_for(lambda: queued(leg.accepted) > 32 * 1024)
+    eventually(lambda: queued(leg.accepted) > 32 * 1024)
     with pytest.raises(TunnelRefused) as refused:
         proxy.join(leg)
     assert refused.value.reason == "busy"
@@ -584,7 +577,7 @@ def test_catch_up_refuses_when_upstream_cannot_take_the_backlog(proxy):
     copier = threading.Thread(target=copy, daemon=True)
     copier.start()
     server = Endpoint(leg.server, [])
-    wait_for(lambda: server.done)
+    eventually(lambda: server.done)
     server.finish()
     copier.join(WAIT)
     assert server.received.digest() == hashlib.sha256(early).digest()

@@ -259,10 +259,14 @@ def map_delete(map_fd: int, key: bytes) -> bool:
     return True
 
 
+class VerifierError(OSError):
+    """The verifier refused a program; the message ends with its log (why)."""
+
+
 def prog_load(prog_type: int, code: bytes, name: str, attach_type: int = 0) -> int:
     """Load a program through the verifier; returns its descriptor.
 
-    On refusal the verifier's log (why it refused) is appended to the OSError's message.
+    On refusal (EACCES, EINVAL) raises VerifierError with the verifier's log in the message.
     """
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")  # sockmap helpers are GPL-only
@@ -294,7 +298,9 @@ def prog_load(prog_type: int, code: bytes, name: str, attach_type: int = 0) -> i
         with contextlib.suppress(OSError):  # refused: load again, with the log, to say why
             attempt(1)
         text = log.value.decode(errors="replace").strip()
-        raise OSError(error.errno, f"{error.strerror}: {text[-2000:]}") from None
+        if not text:  # no log: refused before the verifier (permissions, unknown type)
+            raise
+        raise VerifierError(error.errno, f"{error.strerror}: {text[-2000:]}") from None
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:

@@ -54,7 +54,8 @@ End-of-stream protocol for the caller (what epoll reports for a joined socket):
   growing delay (the bytes move at the pace of dst's reader; the idle timeout bounds it).
 - EPOLLERR (with EPOLLHUP): reset or failure; SO_ERROR says which. Propagate as today
   (SO_LINGER 0 on the other socket), then `leave` and close both.
-- EPOLLHUP alone: both directions are finished.
+- EPOLLHUP without EPOLLERR: this socket got its peer's FIN and is shut for writing too; an
+  EOF like EPOLLRDHUP if not handled yet.
 - Always `leave(tunnel)` before closing the sockets; it frees the slots. Leaving drops bytes
   the kernel still holds for these sockets, and racing with arriving data may drop one
   buffer (the kernel clears the program before the callback): leave only when both directions
@@ -64,15 +65,18 @@ End-of-stream protocol for the caller (what epoll reports for a joined socket):
   queued before); "error" means the connection must be aborted.
 
 Capabilities: loading the program and creating socket maps needs CAP_BPF and CAP_NET_ADMIN (or
-CAP_SYS_ADMIN) in the initial user namespace. In a container: add both capabilities
-(`--cap-add BPF --cap-add NET_ADMIN`), and a seccomp profile that allows bpf(2) (Docker's
-default allows it only with CAP_SYS_ADMIN or, in recent versions, CAP_BPF). Kernel 5.8 or later
-(ring buffer), with CONFIG_BPF_SYSCALL, CONFIG_NET_SOCK_MSG and CONFIG_BPF_STREAM_PARSER.
-Memory is charged to the memory cgroup (5.11+), not RLIMIT_MEMLOCK.
+CAP_SYS_ADMIN) in the initial user namespace; `sockmap_unavailable()` says when they are missing.
+In a container: add both capabilities (`--cap-add BPF --cap-add NET_ADMIN`) and a seccomp
+profile that allows bpf(2) (Docker's default allows it only with CAP_SYS_ADMIN or, in recent
+versions, CAP_BPF). Kernel 5.8 or later (ring buffer), with CONFIG_BPF_SYSCALL,
+CONFIG_NET_SOCK_MSG and CONFIG_BPF_STREAM_PARSER; developed and tested on 6.18, whose sockmap
+code the edges above describe. Memory is charged to the memory cgroup (5.11+), not to
+RLIMIT_MEMLOCK.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import select
@@ -84,6 +88,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from meshgw.dataplane import bpf
 from meshgw.dataplane import tunnel_program as kernel
 from meshgw.dataplane.tunnel_program import (
     ALLOWANCE,
@@ -137,13 +142,14 @@ def sockmap_unavailable() -> str | None:
 
 
 def _reason(error: OSError) -> str:
-    name = {1: "EPERM", 13: "EACCES", 38: "ENOSYS", 22: "EINVAL"}.get(error.errno or 0, "")
-    if name in ("EPERM", "EACCES"):
+    if isinstance(error, bpf.VerifierError):
+        return f"the verifier refused the tunnel program: {str(error).splitlines()[-1]}"
+    name = errno.errorcode.get(error.errno or 0, "")
+    if error.errno in (errno.EPERM, errno.EACCES):
         return f"bpf() refused: {name} (needs CAP_BPF and CAP_NET_ADMIN)"
-    if name == "ENOSYS":
+    if error.errno == errno.ENOSYS:
         return "bpf() not available: ENOSYS (no CONFIG_BPF_SYSCALL, or blocked by seccomp)"
-    first_line = str(error).splitlines()[0] if str(error) else repr(error)
-    return f"BPF socket maps not usable: {first_line}"
+    return f"BPF socket maps not usable: {name or error}: {error.strerror or ''}".rstrip(": ")
 
 
 def _try_insert(maps: TunnelMaps) -> str | None:
@@ -165,24 +171,34 @@ def _try_insert(maps: TunnelMaps) -> str | None:
 # --- TCP counters -------------------------------------------------------------------------------
 
 
-def sent_bytes(sock: socket.socket) -> int:
-    """Bytes written into `sock` so far, plus a constant (the SYN for a connecting socket).
-
-    tcpi_bytes_acked then SIOCOUTQ (unacknowledged + unsent): if an ACK lands between the
-    two reads the sum is low, never high, so "everything has left" is never said too early.
-    """
+def acked_bytes(sock: socket.socket) -> int:
+    """tcpi_bytes_acked: bytes the peer has acknowledged (+1 for a connecting socket's SYN)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
-    acked = struct.unpack_from("<Q", info, BYTES_ACKED)[0]
-    queued = struct.unpack("<i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
-    return int(acked) + queued
+    return int(struct.unpack_from("<Q", info, BYTES_ACKED)[0])
+
+
+def unacked_bytes(sock: socket.socket) -> int:
+    """SIOCOUTQ: bytes in the send queue, sent but not acknowledged or not sent yet."""
+    return int(struct.unpack("<i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+def sent_bytes(sock: socket.socket) -> int:
+    """Bytes written into `sock` so far, plus a constant (the SYN of a connecting socket).
+
+    Acknowledged first, then queued: an ACK landing between the two reads makes the sum low,
+    never higher than the truth, so "everything has left" is never said too early.
+    """
+    acked = acked_bytes(sock)
+    return acked + unacked_bytes(sock)
 
 
 def exact_sent_bytes(sock: socket.socket) -> int:
-    """`sent_bytes` while nothing writes into `sock`: read until no ACK landed in between."""
+    """`sent_bytes` while nothing writes into `sock`: exact once no ACK landed in between."""
     for _ in range(16):
-        before = sent_bytes(sock)
-        if sent_bytes(sock) == before:
-            return before
+        acked = acked_bytes(sock)
+        queued = unacked_bytes(sock)
+        if acked_bytes(sock) == acked:
+            return acked + queued
     raise TunnelRefused("busy", "could not read a stable send count")
 
 
