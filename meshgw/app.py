@@ -139,6 +139,7 @@ class ControlPlane:
         return {
             "address": self.discovery.client.config.address,
             "indexes": dict(self.discovery.indexes),
+            "sources": self.discovery.status(),
         }
 
     async def deregister(self) -> None:

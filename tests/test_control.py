@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import time
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from meshgw.control import discovery
 from meshgw.control.registrar import GatewayRegistration, Registrar
 from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
 from tests.consul_double import GATEWAY_BODY, AclToken
@@ -318,6 +320,46 @@ def test_garbage_and_5xx_keep_the_last_good_topology(
     double.wait_for_request("/v1/health/service/mesh-gateway", count=2)
     assert route_targets(gw.admin_port, "server.dc2.consul") == [f"127.0.0.1:{remote.port}"]
     assert ask(gw.port, "server.dc2.consul") == b"dc2-gateway"
+
+
+def test_a_hung_agent_is_seen_within_seconds(
+    consul, gateway_factory, backend_factory, monkeypatch, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshgw.discovery")
+    monkeypatch.setattr(discovery, "AGENT_PROBE_INTERVAL", 0.2)
+    monkeypatch.setattr(discovery, "AGENT_PROBE_TIMEOUT", 0.5)
+    remote = marker_backend(backend_factory, b"dc2-gateway")
+    double = consul()
+    double.set_datacenters(["dc1", "dc2"])
+    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    gw = gateway_factory(consul=double.url, expose_servers=True)
+    eventually(lambda: route_targets(gw.admin_port, "server.dc2.consul"))
+
+    def sources() -> dict[str, Any]:
+        topology = admin_json(gw.admin_port, "/v1/topology")
+        return topology["sources"]["consul"]["watches"]["sources"]
+
+    assert sources()["agent"]["state"] == "ok"
+    # The agent accepts connections and never answers: blocking queries alone would not
+    # notice for minutes.
+    double.hang("/v1/")
+    eventually(lambda: sources()["agent"]["state"] == "failing", timeout=5)
+    assert all(source["stale"] for source in sources().values())
+    assert metric_value(gw.admin_port, 'meshgw_consul_up{source="agent"}') == 0
+    assert "Consul unavailable for agent" in caplog.text
+    assert ask(gw.port, "server.dc2.consul") == b"dc2-gateway"  # the last good routes stay
+    double.clear()
+    eventually(lambda: sources()["agent"]["state"] == "ok", timeout=5)
+    assert metric_value(gw.admin_port, 'meshgw_consul_up{source="agent"}') == 1
+    assert "Consul answers agent again" in caplog.text
+
+
+def metric_value(port: int, sample: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rpartition(" ")[2])
+    return None
 
 
 def test_forbidden_names_the_permission_and_hides_the_token(consul, gateway_process) -> None:

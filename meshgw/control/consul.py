@@ -607,13 +607,15 @@ class ConsulClient:
         wait: str | float | None = None,
         dc: str | None = None,
         expect: type | None = None,
+        timeout: float | None = None,
     ) -> Response:
         """GET a JSON endpoint. With `index` (≥1) it is a blocking query that waits up to `wait`
         (seconds or a Go duration, default Consul's 5m, at most 10m) for the index to pass it.
-        `expect` is the JSON type of the answer (default: known per endpoint)."""
+        `expect` is the JSON type of the answer (default: known per endpoint); `timeout`
+        replaces the client's for this request (a blocking wait is added to it)."""
         path = _normalize_path(path)
         query = self._query(params, dc)
-        timeout = self.timeout
+        timeout = self.timeout if timeout is None else timeout
         if index is not None and index > 0:
             wait_s = DEFAULT_WAIT if wait is None else min(parse_duration(wait), MAX_WAIT)
             query["index"] = str(index)

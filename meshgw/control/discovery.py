@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from meshgw.control import catalog
@@ -39,6 +41,28 @@ log = logging.getLogger("meshgw.discovery")
 
 SKIPPED_SERVICES = frozenset({"consul"})
 DATACENTERS_INTERVAL = 30.0  # Consul's own MaxAge for the datacenter list
+# A blocking query cannot tell a quiet catalog from a hung agent for up to its whole wait
+# (minutes); a small request every few seconds can. /v1/status/leader needs no ACL.
+AGENT_PROBE = "/v1/status/leader"
+AGENT_PROBE_INTERVAL = 10.0
+AGENT_PROBE_TIMEOUT = 5.0
+
+
+@dataclass
+class SourceHealth:
+    """How one source (a watch, or the agent probe) fares, for /v1/topology."""
+
+    ok: bool = False
+    last_ok: float | None = None  # time.time() of the last good answer
+    error: str | None = None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        age = None if self.last_ok is None else round(now - self.last_ok, 3)
+        return {
+            "state": "ok" if self.ok else "failing",
+            "last_answer_age_s": age,
+            "error": self.error,
+        }
 
 
 class Discovery:
@@ -73,13 +97,14 @@ class Discovery:
         self.trust_domain: str | None = None
         self.services: dict[ServiceKey, tuple[Endpoint, ...]] = {}
         self.indexes: dict[str, int] = {}  # last index per source, for /v1/topology
+        self.health: dict[str, SourceHealth] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._failing: set[str] = set()
 
     # --- life ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Learn the agent's identity, then follow every source until cancelled."""
+        self._start("agent", self._probe_agent())
         self.identity = await self._identity()
         if self.datacenter is None:
             self.datacenter = self.identity.datacenter
@@ -118,7 +143,7 @@ class Discovery:
                 identity = catalog.agent_identity(answer.body)
             except (ConsulRequestError, catalog.CatalogError) as error:
                 failures += 1
-                self._failed("agent-self", error, failures)
+                self._failed("agent-self", error)
                 await asyncio.sleep(self.watch_options["backoff"].delay(failures))
                 continue
             self._recovered("agent-self")
@@ -152,7 +177,7 @@ class Discovery:
             path,
             params=params,
             dc=dc,
-            on_error=lambda error, failures, _delay: self._failed(name, error, failures),
+            on_error=lambda error, _failures, _delay: self._failed(name, error),
             on_recover=lambda _failures: self._recovered(name),
             **self.watch_options,
         )
@@ -171,12 +196,25 @@ class Discovery:
             self.indexes[name] = answer.index
             self._publish()
 
-    def _failed(self, source: str, error: Exception, failures: int) -> None:
+    async def _probe_agent(self) -> None:
+        """Ask the agent something small every interval: the one way to see it hang."""
+        while True:
+            try:
+                await self.client.get(AGENT_PROBE, timeout=AGENT_PROBE_TIMEOUT)
+            except ConsulRequestError as error:
+                self._failed("agent", error)
+            else:
+                self._recovered("agent")
+            await asyncio.sleep(AGENT_PROBE_INTERVAL)
+
+    def _failed(self, source: str, error: Exception) -> None:
         if self.on_health is not None:
             self.on_health(source, False)
-        if source in self._failing:
-            return
-        self._failing.add(source)
+        health = self.health.setdefault(source, SourceHealth())
+        failing_already = health.error is not None
+        health.ok, health.error = False, str(error)
+        if failing_already:
+            return  # said once, when it began
         if isinstance(error, ConsulForbidden):
             log.error("Consul refused %s: %s", source, error)
         else:
@@ -185,9 +223,21 @@ class Discovery:
     def _recovered(self, source: str) -> None:
         if self.on_health is not None:
             self.on_health(source, True)
-        if source in self._failing:
-            self._failing.discard(source)
+        health = self.health.setdefault(source, SourceHealth())
+        if health.error is not None:
             log.info("Consul answers %s again", source)
+        health.ok, health.error, health.last_ok = True, None, time.time()
+
+    def status(self) -> dict[str, Any]:
+        """Each source's state and the age of its last good answer; every source is stale
+        while the agent itself does not answer."""
+        now = time.time()
+        agent = self.health.get("agent")
+        stale = agent is not None and not agent.ok
+        return {
+            name: {**health.to_json(now), "stale": stale or not health.ok}
+            for name, health in sorted(self.health.items())
+        }
 
     def _on_servers(self, answer: Response) -> None:
         parsed = catalog.local_servers(answer.body)
@@ -211,7 +261,7 @@ class Discovery:
                 self._recovered("/v1/catalog/datacenters")
             except ConsulRequestError as error:
                 failures += 1
-                self._failed("/v1/catalog/datacenters", error, failures)
+                self._failed("/v1/catalog/datacenters", error)
                 await asyncio.sleep(self.watch_options["backoff"].delay(failures))
                 continue
             remote = {str(dc) for dc in answer.body if isinstance(dc, str)} - {self.datacenter}
