@@ -25,7 +25,6 @@ from meshgw.simconsul.api.common import HTTPAnswer
 from meshgw.simconsul.api.connect import ConnectAPI
 from meshgw.simconsul.api.federation import FederationAPI
 from meshgw.simconsul.api.status import StatusAPI
-from meshgw.simconsul.bexpr import FilterError
 from meshgw.simconsul.ca import ConnectCA
 from meshgw.simconsul.catalog import Catalog
 from meshgw.simconsul.faults import Faults, RecordedRequest, RequestLog
@@ -225,8 +224,6 @@ class SimConsul:
             response: web.StreamResponse = await handler(request)
         except HTTPAnswer as exc:
             return web.Response(status=exc.status, text=exc.text, content_type="text/plain")
-        except FilterError as exc:
-            return web.Response(status=400, text=str(exc), content_type="text/plain")
         except Denied as exc:
             return web.Response(status=403, text=exc.text, content_type="text/plain")
         return response

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from meshgw.simconsul.acl import Access, require
 from meshgw.simconsul.api.common import DEFAULT_WAIT, MAX_WAIT, BaseAPI, HTTPAnswer
-from meshgw.simconsul.bexpr import Filter
+from meshgw.simconsul.bexpr import AGENT_SERVICE
 from meshgw.simconsul.golang import parse_go_duration
 from meshgw.simconsul.registration import (
     DecodeError,
@@ -145,7 +145,7 @@ class AgentAPI(BaseAPI):
 
     async def services(self, request: web.Request) -> web.Response:
         token = self.token(request)
-        expr = Filter.parse(request.query.get("filter", ""))
+        expr = self.filter(request, AGENT_SERVICE, rpc=False)
         agent = self.sim.agent
         with self.sim.raft.lock:
             out = {

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from meshgw.simconsul.acl import Access, AclToken, can_see
 from meshgw.simconsul.api.common import Answer, BaseAPI, View
-from meshgw.simconsul.bexpr import Filter
+from meshgw.simconsul.bexpr import CHECK_SERVICE_NODE, SERVICE_NODE
 from meshgw.simconsul.catalog import Datacenter, Instance, Key
 from meshgw.simconsul.shapes import flat_service_node
 
@@ -31,14 +31,21 @@ class CatalogAPI(BaseAPI):
     async def services(self, request: web.Request) -> web.Response:
         state = self.target_dc(request)
         token = self.token(request)
+        expr = self.filter(request, SERVICE_NODE)
         catalog = self.sim.catalog
 
         def view() -> Answer:
             services: dict[str, list[str]] = {}
             filtered = False
             for inst in catalog.instances(state):
+                if inst.peer:
+                    continue  # imported services are listed with ?peer= only
                 if token is not None and not token.allows("service", Access.READ, inst.name):
                     filtered = True
+                    continue
+                if expr is not None and not expr.matches(
+                    flat_service_node(catalog.render(state, inst))
+                ):
                     continue
                 tags = services.setdefault(inst.name, [])
                 tags += [t for t in inst.service["Tags"] if t not in tags]
@@ -52,7 +59,7 @@ class CatalogAPI(BaseAPI):
         entries = self.entries(
             request, state, lambda i: i.name == name, self._keys(state, "service", name), False
         )
-        expr = Filter.parse(request.query.get("filter", ""))
+        expr = self.filter(request, SERVICE_NODE)
 
         def view() -> Answer:
             # This endpoint's filter sees the flat ServiceNode shape.
@@ -93,7 +100,7 @@ class CatalogAPI(BaseAPI):
         token: AclToken | None = self.token(request)
         passing = self.flag(request, "passing")
         tags = request.query.getall("tag", [])
-        expr = Filter.parse(request.query.get("filter", "")) if apply_filter else None
+        expr = self.filter(request, CHECK_SERVICE_NODE) if apply_filter else None
         catalog = self.sim.catalog
 
         def view() -> Answer:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from meshgw.simconsul.acl import AclToken
+from meshgw.simconsul.bexpr import Filter, FilterError, Struct
 from meshgw.simconsul.catalog import Datacenter
 from meshgw.simconsul.golang import parse_go_bool, parse_go_duration
 
@@ -64,6 +65,15 @@ class BaseAPI:
         if state is None:
             raise HTTPAnswer(500, "No path to datacenter")
         return state
+
+    @staticmethod
+    def filter(request: web.Request, kind: Struct, *, rpc: bool = True) -> Filter | None:
+        """?filter= checked against the filtered type. Consul answers a bad expression with 500:
+        the servers refuse it in the RPC a client agent forwards (consul#7338, consul#9441)."""
+        try:
+            return Filter.parse(request.query.get("filter", ""), kind)
+        except FilterError as exc:
+            raise HTTPAnswer(500, ("rpc error making call: " if rpc else "") + str(exc)) from None
 
     @staticmethod
     def flag(request: web.Request, name: str) -> bool:
