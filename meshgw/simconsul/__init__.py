@@ -12,14 +12,16 @@ What it models:
   it depends on, and blocking queries (``?index=&wait=``) wait for it to pass ``index``;
 - ACLs (optional): tokens with Consul-like rules, 403 "ACL not found" / "Permission denied: ...";
   lists are filtered instead, as in Consul;
+- config entries (proxy-defaults, mesh, service-defaults, service-resolver, exported-services)
+  with Consul's decoding, checks, permissions and blocking reads;
 - faults per path: fail, hang, drop, garbage; the index going backwards; the listener going away;
   and every request recorded.
 
 Use it in async code as ``async with SimConsul() as sim: ...``; from synchronous code through
 `SimConsulThread` (its own thread and loop); by hand with ``python -m meshgw.simconsul``.
 State is shaped through the parts: ``sim.catalog``, ``sim.servers``, ``sim.gateways``,
-``sim.services``, ``sim.agent``, ``sim.federation``, ``sim.ca``; what goes wrong through
-``sim.faults`` and ``sim.raft``; what was asked through ``sim.requests``.
+``sim.services``, ``sim.agent``, ``sim.federation``, ``sim.ca``, ``sim.config``; what goes
+wrong through ``sim.faults`` and ``sim.raft``; what was asked through ``sim.requests``.
 """
 
 from meshgw.simconsul.acl import ANONYMOUS_ACCESSOR_ID, Access, AclToken

@@ -22,11 +22,13 @@ from meshgw.simconsul.agent import Agent
 from meshgw.simconsul.api.agent import AgentAPI
 from meshgw.simconsul.api.catalog import CatalogAPI
 from meshgw.simconsul.api.common import HTTPAnswer
+from meshgw.simconsul.api.config import ConfigAPI
 from meshgw.simconsul.api.connect import ConnectAPI
 from meshgw.simconsul.api.federation import FederationAPI
 from meshgw.simconsul.api.status import StatusAPI
 from meshgw.simconsul.ca import ConnectCA
 from meshgw.simconsul.catalog import Catalog
+from meshgw.simconsul.config_entries import ConfigEntries
 from meshgw.simconsul.faults import Faults, RecordedRequest, RequestLog
 from meshgw.simconsul.federation import FederationStates
 from meshgw.simconsul.gateways import Gateways
@@ -80,6 +82,7 @@ class SimConsul:
         self.services = Services(self.catalog)
         self.federation = FederationStates(self.catalog, delay=anti_entropy_delay)
         self.ca = ConnectCA(self.raft, trust_domain)
+        self.config = ConfigEntries(self.raft)
         self.agent = Agent(
             self.catalog,
             node_name=node_name,
@@ -111,7 +114,7 @@ class SimConsul:
         self.raft.observed.bind(loop)
         self.stopping = False
         app = web.Application(middlewares=[self._middleware])
-        for api in (AgentAPI, CatalogAPI, FederationAPI, ConnectAPI, StatusAPI):
+        for api in (AgentAPI, CatalogAPI, FederationAPI, ConfigAPI, ConnectAPI, StatusAPI):
             api(self).routes(app)
         # handler_cancellation: a client that goes away frees its blocked query, as in Consul.
         self._runner = web.AppRunner(
