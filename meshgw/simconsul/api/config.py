@@ -1,9 +1,11 @@
 """/v1/config: config entries (write, read, list, delete), with Consul's permissions per kind,
-its 400/404/500 texts, check-and-set, and blocking reads."""
+its 400/404/500 texts, check-and-set and blocking reads; and /v1/discovery-chain, the chain
+compiled from them."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -18,6 +20,8 @@ from meshgw.simconsul.config_kinds import (
     read_permission,
     write_permission,
 )
+from meshgw.simconsul.discovery_chain import ChainError, compile_chain
+from meshgw.simconsul.golang import parse_go_duration
 
 RPC_ERROR = "rpc error making call: "
 
@@ -29,6 +33,8 @@ class ConfigAPI(BaseAPI):
         app.router.add_get("/v1/config/{kind}/{name}", self.read)
         app.router.add_delete("/v1/config/{kind}/{name}", self.delete)
         app.router.add_route("*", "/v1/config/{kind}/{name}", self.not_allowed)
+        app.router.add_get("/v1/discovery-chain/{service}", self.chain)
+        app.router.add_post("/v1/discovery-chain/{service}", self.chain)
 
     async def apply(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -85,8 +91,47 @@ class ConfigAPI(BaseAPI):
         # The boolean for check-and-set deletes only, as Consul keeps older callers working.
         return web.json_response(deleted if cas is not None else {})
 
+    async def chain(self, request: web.Request) -> web.Response:
+        """The compiled chain; POST carries overrides (OverrideProtocol, OverrideConnectTimeout,
+        OverrideMeshGateway) in its body, GET none."""
+        state = self.target_dc(request)
+        service = request.match_info["service"]
+        require(self.token(request), "service", Access.READ, service)
+        compile_dc = request.query.get("compile-dc") or state.name
+        overrides = await _overrides(request)
+        sim = self.sim
+
+        def view() -> Answer:
+            try:
+                chain = compile_chain(
+                    sim.config, service, compile_dc, sim.ca.trust_domain, overrides=overrides
+                )
+            except ChainError as exc:
+                raise HTTPAnswer(500, RPC_ERROR + str(exc)) from None
+            return Answer(sim.raft.view(KEY), {"Chain": chain})
+
+        return await self.blocking(request, view, state)
+
     async def not_allowed(self, request: web.Request) -> web.Response:
         raise HTTPAnswer(405, f"method {request.method} not allowed")
+
+
+async def _overrides(request: web.Request) -> dict[str, Any]:
+    if request.method != "POST":
+        return {}
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+        out: dict[str, Any] = {}
+        if body.get("OverrideProtocol"):
+            out["OverrideProtocol"] = str(body["OverrideProtocol"])
+        if body.get("OverrideConnectTimeout"):
+            out["OverrideConnectTimeout"] = parse_go_duration(str(body["OverrideConnectTimeout"]))
+        if (body.get("OverrideMeshGateway") or {}).get("Mode"):
+            out["OverrideMeshGateway"] = {"Mode": body["OverrideMeshGateway"]["Mode"]}
+    except (ValueError, AttributeError) as exc:
+        raise HTTPAnswer(400, f"Request decode failed: {exc}") from None
+    return out
 
 
 def _kind(request: web.Request) -> str:
