@@ -13,15 +13,19 @@ What it models:
 - ACLs (optional): tokens with Consul-like rules, 403 "ACL not found" / "Permission denied: ...";
   lists are filtered instead, as in Consul;
 - config entries (proxy-defaults, mesh, service-defaults, service-resolver, exported-services)
-  with Consul's decoding, checks, permissions and blocking reads;
+  with Consul's decoding, checks, permissions and blocking reads, and the discovery chains
+  compiled from them;
+- cluster peerings, the services this cluster exports to them, and the services imported
+  through them (synthetic proxies at the exporter's mesh gateways, ``?peer=``);
 - faults per path: fail, hang, drop, garbage; the index going backwards; the listener going away;
   and every request recorded.
 
 Use it in async code as ``async with SimConsul() as sim: ...``; from synchronous code through
 `SimConsulThread` (its own thread and loop); by hand with ``python -m meshgw.simconsul``.
 State is shaped through the parts: ``sim.catalog``, ``sim.servers``, ``sim.gateways``,
-``sim.services``, ``sim.agent``, ``sim.federation``, ``sim.ca``, ``sim.config``; what goes
-wrong through ``sim.faults`` and ``sim.raft``; what was asked through ``sim.requests``.
+``sim.services``, ``sim.agent``, ``sim.federation``, ``sim.ca``, ``sim.config``,
+``sim.peerings``; what goes wrong through ``sim.faults`` and ``sim.raft``; what was asked
+through ``sim.requests``.
 """
 
 from meshgw.simconsul.acl import ANONYMOUS_ACCESSOR_ID, Access, AclToken

@@ -25,6 +25,7 @@ from meshgw.simconsul.api.common import HTTPAnswer
 from meshgw.simconsul.api.config import ConfigAPI
 from meshgw.simconsul.api.connect import ConnectAPI
 from meshgw.simconsul.api.federation import FederationAPI
+from meshgw.simconsul.api.peering import PeeringAPI
 from meshgw.simconsul.api.status import StatusAPI
 from meshgw.simconsul.ca import ConnectCA
 from meshgw.simconsul.catalog import Catalog
@@ -33,6 +34,7 @@ from meshgw.simconsul.faults import Faults, RecordedRequest, RequestLog
 from meshgw.simconsul.federation import FederationStates
 from meshgw.simconsul.gateways import Gateways
 from meshgw.simconsul.index import RaftIndex
+from meshgw.simconsul.peering import Peerings
 from meshgw.simconsul.servers import Servers
 from meshgw.simconsul.services import Services
 
@@ -83,6 +85,7 @@ class SimConsul:
         self.federation = FederationStates(self.catalog, delay=anti_entropy_delay)
         self.ca = ConnectCA(self.raft, trust_domain)
         self.config = ConfigEntries(self.raft)
+        self.peerings = Peerings(self.raft, self.config, datacenter)
         self.agent = Agent(
             self.catalog,
             node_name=node_name,
@@ -114,7 +117,8 @@ class SimConsul:
         self.raft.observed.bind(loop)
         self.stopping = False
         app = web.Application(middlewares=[self._middleware])
-        for api in (AgentAPI, CatalogAPI, FederationAPI, ConfigAPI, ConnectAPI, StatusAPI):
+        apis = (AgentAPI, CatalogAPI, FederationAPI, ConfigAPI, PeeringAPI, ConnectAPI, StatusAPI)
+        for api in apis:
             api(self).routes(app)
         # handler_cancellation: a client that goes away frees its blocked query, as in Consul.
         self._runner = web.AppRunner(

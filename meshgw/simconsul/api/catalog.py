@@ -73,30 +73,38 @@ class CatalogAPI(BaseAPI):
     async def health_service(self, request: web.Request) -> web.Response:
         state = self.target_dc(request)
         name = request.match_info["name"]
-        keys = self._keys(state, "service", name)
-        view = self.entries(request, state, lambda i: i.name == name, keys)
+        peer = request.query.get("peer", "")
+        keys = self._keys(state, "service", name, peer)
+        view = self.entries(request, state, lambda i: i.name == name and i.peer == peer, keys)
         return await self.blocking(request, view, state)
 
     async def health_connect(self, request: web.Request) -> web.Response:
+        """Local connect-capable instances; with ?peer=, those imported from that peer."""
         state = self.target_dc(request)
         name = request.match_info["name"]
-        keys = self._keys(state, "connect", name)
-        view = self.entries(request, state, lambda i: i.connect_target() == name, keys)
+        peer = request.query.get("peer", "")
+        if peer:
+            view = self.entries(request, state, None, [], imported=(peer, name))
+        else:
+            keys = self._keys(state, "connect", name)
+            view = self.entries(request, state, lambda i: i.connect_target() == name, keys)
         return await self.blocking(request, view, state)
 
-    def _keys(self, state: Datacenter, kind: str, name: str) -> list[Key]:
+    def _keys(self, state: Datacenter, kind: str, name: str, peer: str = "") -> list[Key]:
         with self.sim.raft.lock:
-            return self.sim.catalog.service_keys(state, kind, name)
+            return self.sim.catalog.service_keys(state, kind, name, peer)
 
     def entries(
         self,
         request: web.Request,
         state: Datacenter,
-        select: Callable[[Instance], bool],
+        select: Callable[[Instance], bool] | None,
         keys: list[Key],
         apply_filter: bool = True,
+        imported: tuple[str, str] | None = None,
     ) -> View:
-        """A view of the CheckServiceNodes `select` picks, with ?passing, ?tag and ?filter."""
+        """A view of the CheckServiceNodes `select` picks (or, with `imported` (peer, service),
+        those imported from the peer), with ?passing, ?tag and ?filter."""
         token: AclToken | None = self.token(request)
         passing = self.flag(request, "passing")
         tags = request.query.getall("tag", [])
@@ -104,7 +112,12 @@ class CatalogAPI(BaseAPI):
         catalog = self.sim.catalog
 
         def view() -> Answer:
-            entries = [catalog.render(state, i) for i in catalog.instances(state) if select(i)]
+            if imported is not None:
+                key, entries = self.sim.peerings.imported(*imported)
+                keys[:] = [key]
+            else:
+                assert select is not None
+                entries = [catalog.render(state, i) for i in catalog.instances(state) if select(i)]
             visible = [e for e in entries if can_see(token, e)]
             filtered = len(visible) != len(entries)
             if tags:
