@@ -3,7 +3,8 @@
 Anti-entropy is synchronous: every change of a registration or of one of its checks is in the
 catalog (and so in health answers) when the call returns. New checks start `critical`, as in
 Consul, unless the registration gives a Status. With a `check_interval`, the agent probes TCP
-checks itself and their status follows the target.
+checks itself and their status follows the target. Proxies and gateways are kept with the
+central config merged in (proxy-defaults, their service-defaults), re-merged when it changes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgw.simconsul.catalog import Catalog
+from meshgw.simconsul.config_entries import ConfigEntries, merge_central_config
 from meshgw.simconsul.shapes import Json, check_json, default_tagged_addresses, service_json
 
 
@@ -35,6 +37,7 @@ class Agent:
     def __init__(
         self,
         catalog: Catalog,
+        config: ConfigEntries,
         *,
         node_name: str,
         node_address: str,
@@ -42,6 +45,7 @@ class Agent:
         bind_addr: str = "0.0.0.0",
     ) -> None:
         self.catalog = catalog
+        self.config = config
         self.raft = catalog.raft
         self.datacenter = catalog.local_dc
         self.node_name = node_name
@@ -52,6 +56,7 @@ class Agent:
         self.bind_addr = bind_addr
         self.services: dict[str, AgentService] = {}
         catalog.ensure_node(catalog.local_dc, node_name, node_address)
+        config.listeners.append(self._resync)
 
     # --- registration -----------------------------------------------------------------------
 
@@ -153,10 +158,17 @@ class Agent:
             state = self.catalog.dc()
             csn = {
                 "Node": state.nodes[self.node_name].json,
-                "Service": entry.service,
+                "Service": merge_central_config(entry.service, self.config),
                 "Checks": entry.checks,
             }
             self.catalog.put(self.datacenter, csn)
+
+    def _resync(self) -> None:
+        """Central config changed: the merged services may have too (unchanged ones are no-ops
+        in the catalog, and keep their ContentHash)."""
+        with self.raft.lock:
+            for sid in list(self.services):
+                self.sync(sid)
 
     # --- views ------------------------------------------------------------------------------
 
@@ -166,7 +178,7 @@ class Agent:
             entry = self.services.get(sid)
             if entry is None:
                 return None
-            svc = entry.service
+            svc = merge_central_config(entry.service, self.config)
             out: dict[str, Json] = {}
             if svc.get("Kind"):
                 out["Kind"] = svc["Kind"]
@@ -192,10 +204,11 @@ class Agent:
             return out
 
     def service(self, sid: str) -> dict[str, Json] | None:
-        """What the agent holds for a registered service (NodeService form), for assertions."""
+        """What the agent holds for a registered service (NodeService form, central config
+        merged), for assertions."""
         with self.raft.lock:
             entry = self.services.get(sid)
-            return copy.deepcopy(entry.service) if entry else None
+            return merge_central_config(entry.service, self.config) if entry else None
 
     def checks(self, sid: str) -> list[dict[str, Json]]:
         with self.raft.lock:

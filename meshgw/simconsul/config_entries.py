@@ -152,3 +152,39 @@ class ConfigEntries:
             consumers += [{"Peer": p} for p in peers if {"Peer": p} not in consumers]
             consumers += [{"Partition": p} for p in partitions if {"Partition": p} not in consumers]
             self.apply({k: v for k, v in entry.items() if k not in ("CreateIndex", "ModifyIndex")})
+
+
+# service-defaults fields the servers fold into a proxy's resolved Proxy.Config.
+_DEFAULTS_INTO_CONFIG = {
+    "Protocol": "protocol",
+    "MaxInboundConnections": "max_inbound_connections",
+    "LocalConnectTimeoutMs": "local_connect_timeout_ms",
+    "LocalRequestTimeoutMs": "local_request_timeout_ms",
+    "BalanceInboundConnections": "balance_inbound_connections",
+}
+_MERGED_KINDS = ("connect-proxy", "mesh-gateway", "terminating-gateway", "ingress-gateway")
+
+
+def merge_central_config(service: Mapping[str, Any], config: ConfigEntries) -> dict[str, Any]:
+    """A proxy's or gateway's NodeService as the agent keeps it: proxy-defaults Config and its
+    service-defaults folded under its own Proxy.Config (its own keys win), and MeshGateway.Mode
+    filled in when it has none (Consul's MergeServiceConfig). Other services are unchanged."""
+    out = copy.deepcopy(dict(service))
+    kind = out.get("Kind", "")
+    if kind not in _MERGED_KINDS:
+        return out
+    proxy = out.setdefault("Proxy", {})
+    name = proxy.get("DestinationServiceName") if kind == "connect-proxy" else out["Service"]
+    defaults = config.raw(PROXY_DEFAULTS, "global") or {}
+    service_defaults = config.raw(SERVICE_DEFAULTS, str(name)) or {}
+    resolved = copy.deepcopy(defaults.get("Config") or {})
+    for field, key in _DEFAULTS_INTO_CONFIG.items():
+        if service_defaults.get(field):
+            resolved[key] = service_defaults[field]
+    merged = {**resolved, **(proxy.get("Config") or {})}
+    if merged:
+        proxy["Config"] = merged
+    mode = (service_defaults.get("MeshGateway") or defaults.get("MeshGateway") or {}).get("Mode")
+    if mode and not (proxy.get("MeshGateway") or {}).get("Mode"):
+        proxy["MeshGateway"] = {**(proxy.get("MeshGateway") or {}), "Mode": mode}
+    return out

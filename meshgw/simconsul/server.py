@@ -46,7 +46,9 @@ class SimConsul:
     federation states follow the catalog; ``jitter`` adds Consul's up-to-wait/16 to blocking
     waits; ``initial_check_status`` of newly registered checks (Consul: critical);
     ``deregister_unknown_404`` answers deregistration of an unknown ID with 404, as newer Consul
-    versions do (older ones answer 200); ``check_interval`` probes registered TCP checks.
+    versions do (older ones answer 200); ``check_interval`` probes registered TCP checks;
+    ``bind_addr`` is the agent's Config.BindAddr (``"::"`` makes it dual-stack for
+    `consul connect envoy`, whose gateway TCP check then falls back to ``::1``).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class SimConsul:
         initial_check_status: str = "critical",
         deregister_unknown_404: bool = False,
         check_interval: float | None = None,
+        bind_addr: str = "0.0.0.0",
     ) -> None:
         self.domain = domain
         self.primary_datacenter = primary_datacenter or datacenter
@@ -88,9 +91,11 @@ class SimConsul:
         self.peerings = Peerings(self.raft, self.config, datacenter)
         self.agent = Agent(
             self.catalog,
+            self.config,
             node_name=node_name,
             node_address=node_address,
             initial_check_status=initial_check_status,
+            bind_addr=bind_addr,
         )
         for i in range(servers):
             self.servers.add(f"consul-server-{i}", f"10.0.0.{10 + i}")

@@ -47,6 +47,8 @@ class AgentAPI(BaseAPI):
                 "PrimaryDatacenter": sim.primary_datacenter,
                 "NodeName": agent.node_name,
                 "NodeID": node["ID"],
+                # netutil.IsDualStack reads this: an IPv6 bind address means dual-stack.
+                "BindAddr": agent.bind_addr,
                 "Revision": "2a5b8b9e",
                 "Server": is_server,
                 "Version": CONSUL_VERSION,
@@ -56,6 +58,7 @@ class AgentAPI(BaseAPI):
                 "Datacenter": agent.datacenter,
                 "PrimaryDatacenter": sim.primary_datacenter,
                 "NodeName": agent.node_name,
+                "BindAddr": agent.bind_addr,
                 "DNSDomain": sim.domain,
                 "DNSAltDomain": "",
                 "ServerMode": is_server,
