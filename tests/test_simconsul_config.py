@@ -214,3 +214,22 @@ async def test_list_filtered_by_acls_says_so() -> None:
         ) as answer:
             assert [e["Name"] for e in json.loads(await answer.text())] == ["web"]
             assert answer.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+
+
+def test_a_state_file_can_carry_config_entries_and_peerings() -> None:
+    from meshgw.simconsul.__main__ import load_state
+
+    sim = SimConsul()
+    load_state(
+        sim,
+        {
+            "config_entries": [
+                {"Kind": "mesh", "Name": "mesh", "Peering": {"PeerThroughMeshGateways": True}}
+            ],
+            "peerings": [{"name": "east", "peer_server_addresses": ["198.51.100.9:8443"]}],
+        },
+    )
+    mesh = sim.config.get("mesh", "mesh")
+    assert mesh is not None and mesh["Peering"] == {"PeerThroughMeshGateways": True}
+    east = sim.peerings.render("east")
+    assert east is not None and east["PeerServerAddresses"] == ["198.51.100.9:8443"]

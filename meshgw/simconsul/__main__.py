@@ -19,7 +19,9 @@ from meshgw.simconsul.server import SimConsul
 def load_state(sim: SimConsul, state: Mapping[str, Any]) -> None:
     """Apply a JSON state: {"datacenters": [...], "servers": [{"node","address","port"?}],
     "gateways": {"dc2": [{"node","address","port"?,"wan"?: "host:port","status"?}]},
-    "services": [{"name","node","address","port"}], "trust_domain": "..."}."""
+    "services": [{"name","node","address","port"}], "trust_domain": "...",
+    "config_entries": [{"Kind": ..., "Name": ..., ...}], "peerings": [{"name",
+    "peer_server_name"?, "peer_server_addresses"?, "state"?}]}."""
     if "datacenters" in state:
         sim.catalog.set_datacenters(state["datacenters"])
     for server in state.get("servers", []):
@@ -42,6 +44,15 @@ def load_state(sim: SimConsul, state: Mapping[str, Any]) -> None:
         sim.services.add(svc["name"], svc["node"], svc["address"], svc["port"])
     if state.get("trust_domain"):
         sim.ca.set(trust_domain=state["trust_domain"])
+    for entry in state.get("config_entries", []):
+        sim.config.put(entry)
+    for peering in state.get("peerings", []):
+        sim.peerings.add(
+            peering["name"],
+            state=peering.get("state", "ACTIVE"),
+            peer_server_name=peering.get("peer_server_name", ""),
+            peer_server_addresses=peering.get("peer_server_addresses", ()),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
