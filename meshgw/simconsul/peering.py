@@ -5,7 +5,8 @@ or its mesh gateways, are reached); one it accepted carries neither. Imported se
 an exporting cluster replicates them: for each exported service and each of the exporter's
 mesh gateways, a synthetic ``<svc>-sidecar-proxy`` at that gateway's Address, TaggedAddresses
 (its ``wan``) and Port, with Connect.PeerMeta {SNI, SpiffeID, Protocol} and PeerName set, and
-the gateway's checks flattened into one ``overall-check``.
+the gateway's checks flattened into one ``overall-check``. Only these connect imports are
+modelled: ``/v1/health/service/<svc>?peer=`` answers an empty list.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Peerings:
             peering = self._peerings.pop(name, None)
             if peering is None:
                 return
-            keys = [self._connect_key(s, name) for s in peering.imports]
+            keys = [self.connect_key(s, name) for s in peering.imports]
             self.raft.commit(KEY, *keys)
 
     def import_services(
@@ -147,26 +148,26 @@ class Peerings:
                     )
                     for i, gw in enumerate(gateways)
                 ]
-                self.raft.commit(KEY, self._connect_key(service, peer))
+                self.raft.commit(KEY, self.connect_key(service, peer))
 
     def remove_imports(self, peer: str, services: Iterable[str] | None = None) -> None:
         with self.raft.lock:
             peering = self._peerings[peer]
             for service in list(services if services is not None else peering.imports):
                 if peering.imports.pop(service, None) is not None:
-                    self.raft.commit(KEY, self._connect_key(service, peer))
+                    self.raft.commit(KEY, self.connect_key(service, peer))
 
     # --- views --------------------------------------------------------------------------------
 
-    def _connect_key(self, service: str, peer: str) -> tuple[str, ...]:
+    def connect_key(self, service: str, peer: str) -> tuple[str, ...]:
+        """The key imports of `service` from `peer` stamp (a blocking ?peer= read waits on it)."""
         return ("connect", self.local_dc, service, peer)
 
-    def imported(self, peer: str, service: str) -> tuple[tuple[str, ...], list[dict[str, Json]]]:
-        """(key, CheckServiceNodes) of /v1/health/connect/<service>?peer=<peer>."""
+    def imported(self, peer: str, service: str) -> list[dict[str, Json]]:
+        """The CheckServiceNodes of /v1/health/connect/<service>?peer=<peer>."""
         with self.raft.lock:
             peering = self._peerings.get(peer)
-            found = peering.imports.get(service, []) if peering else []
-            return self._connect_key(service, peer), copy.deepcopy(found)
+            return copy.deepcopy(peering.imports.get(service, []) if peering else [])
 
     def exported(self) -> list[dict[str, Json]]:
         """/v1/exported-services: each exported service and its consumers."""

@@ -84,7 +84,8 @@ class CatalogAPI(BaseAPI):
         name = request.match_info["name"]
         peer = request.query.get("peer", "")
         if peer:
-            view = self.entries(request, state, None, [], imported=(peer, name))
+            keys = [self.sim.peerings.connect_key(name, peer)]
+            view = self.entries(request, state, None, keys, imported=(peer, name))
         else:
             keys = self._keys(state, "connect", name)
             view = self.entries(request, state, lambda i: i.connect_target() == name, keys)
@@ -113,8 +114,7 @@ class CatalogAPI(BaseAPI):
 
         def view() -> Answer:
             if imported is not None:
-                key, entries = self.sim.peerings.imported(*imported)
-                keys[:] = [key]
+                entries = self.sim.peerings.imported(*imported)
             else:
                 assert select is not None
                 entries = [catalog.render(state, i) for i in catalog.instances(state) if select(i)]
