@@ -23,7 +23,7 @@ import pytest
 
 from meshgw.app import Gateway
 from meshgw.settings import Settings
-from tests.consul_double import ConsulDoubleThread
+from meshgw.simconsul import SimConsulThread
 from tests.hellos import TRUST_DOMAIN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -393,21 +393,22 @@ def lines_until(stream: IO[Any], done: Callable[[str], bool], timeout: float) ->
     return seen
 
 
-# --- a Consul API double per test --------------------------------------------------------------
+# --- a simulated Consul agent per test ----------------------------------------------------------
 
 
 @pytest.fixture
-def consul() -> Iterator[Callable[..., ConsulDoubleThread]]:
-    """Start Consul API doubles (no servers, a fixed trust domain unless told); stopped after."""
-    made: list[ConsulDoubleThread] = []
+def consul() -> Iterator[Callable[..., SimConsulThread]]:
+    """Start simulated Consul agents (no servers, a fixed trust domain unless told); stopped
+    after the test."""
+    made: list[SimConsulThread] = []
 
-    def make(**options: Any) -> ConsulDoubleThread:
+    def make(**options: Any) -> SimConsulThread:
         options.setdefault("servers", 0)
         options.setdefault("trust_domain", TRUST_DOMAIN)
-        double = ConsulDoubleThread(**options).start()
-        made.append(double)
-        return double
+        sim = SimConsulThread(**options).start()
+        made.append(sim)
+        return sim
 
     yield make
-    for double in made:
-        double.stop()
+    for sim in made:
+        sim.stop()

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshgw.control import catalog
+from meshgw.simconsul import check_service_node, mesh_gateway_node
 from meshgw.topology import GatewayKey
-from tests.consul_double import check_service_node, mesh_gateway_node
 
 
 def test_wan_best_address_order() -> None:

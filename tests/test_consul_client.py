@@ -40,8 +40,8 @@ from meshgw.control.consul import (
     parse_duration,
     watch,
 )
+from meshgw.simconsul import GATEWAY_BODY, AclToken, SimConsul
 from meshgw.tls.certs import create_ca, create_cert
-from tests.consul_double import GATEWAY_BODY, AclToken, ConsulDouble
 
 TOKEN = "b1gs3cr3t-0000-4000-8000-00000000f00d"
 FAST: dict[str, Any] = {
@@ -50,23 +50,23 @@ FAST: dict[str, Any] = {
 }
 
 
-def config_for(double: ConsulDouble, **kwargs: Any) -> ConsulConfig:
+def config_for(double: SimConsul, **kwargs: Any) -> ConsulConfig:
     return ConsulConfig.from_env({"CONSUL_HTTP_ADDR": double.url}, **kwargs)
 
 
 @pytest.fixture
-async def double() -> AsyncIterator[ConsulDouble]:
-    async with ConsulDouble() as running:
+async def double() -> AsyncIterator[SimConsul]:
+    async with SimConsul() as running:
         yield running
 
 
 @pytest.fixture
-async def acl_double() -> AsyncIterator[ConsulDouble]:
+async def acl_double() -> AsyncIterator[SimConsul]:
     tokens = [
         AclToken(TOKEN, ("service:read", "node:read"), accessor_id="aaaa-bbbb"),
         AclToken("writer", ("service:write:mesh-gateway", "node:read"), accessor_id="cccc"),
     ]
-    async with ConsulDouble(acl_tokens=tokens) as running:
+    async with SimConsul(acl_tokens=tokens) as running:
         yield running
 
 
@@ -255,7 +255,7 @@ def test_token_never_printed() -> None:
 # --- transport --------------------------------------------------------------------------------
 
 
-async def test_get_parses_body_index_and_leader(double: ConsulDouble) -> None:
+async def test_get_parses_body_index_and_leader(double: SimConsul) -> None:
     async with ConsulClient(config_for(double)) as client:
         answer = await client.get("/v1/health/service/consul")
         assert isinstance(answer, Response)
@@ -269,37 +269,37 @@ async def test_get_parses_body_index_and_leader(double: ConsulDouble) -> None:
         assert (await client.get("/v1/status/leader")).body == "10.0.0.10:8300"
 
 
-async def test_params_and_dc_are_sent(double: ConsulDouble) -> None:
-    double.add_gateway("dc2", "gw", "10.2.0.5")
+async def test_params_and_dc_are_sent(double: SimConsul) -> None:
+    double.gateways.add("dc2", "gw", "10.2.0.5")
     async with ConsulClient(config_for(double)) as client:
         answer = await client.get(
             "/v1/health/service/mesh-gateway", params={"passing": True, "stale": False}, dc="dc2"
         )
     assert [e["Node"]["Datacenter"] for e in answer.body] == ["dc2"]
-    sent = double.find_requests("/v1/health/service/mesh-gateway")[-1]
+    sent = double.requests.find("/v1/health/service/mesh-gateway")[-1]
     assert dict(sent.query) == {"passing": "", "dc": "dc2"}
 
 
-async def test_put_registration_sends_token_and_body(acl_double: ConsulDouble) -> None:
+async def test_put_registration_sends_token_and_body(acl_double: SimConsul) -> None:
     config = config_for(acl_double, token="writer")
     async with ConsulClient(config) as client:
         assert await client.put("/v1/agent/service/register", GATEWAY_BODY) is None
-    sent = acl_double.find_requests("/v1/agent/service/register")[-1]
+    sent = acl_double.requests.find("/v1/agent/service/register")[-1]
     assert sent.token == "writer"
     assert sent.json == GATEWAY_BODY
     assert sent.headers["Content-Type"] == "application/json"
-    assert acl_double.agent_service("mesh-gateway") is not None
+    assert acl_double.agent.service("mesh-gateway") is not None
 
 
-async def test_no_token_header_without_a_token(double: ConsulDouble) -> None:
+async def test_no_token_header_without_a_token(double: SimConsul) -> None:
     async with ConsulClient(config_for(double)) as client:
         await client.get("/v1/agent/self")
-    assert double.find_requests("/v1/agent/self")[-1].token is None
+    assert double.requests.find("/v1/agent/self")[-1].token is None
 
 
 async def test_unix_socket(tmp_path: Path) -> None:
     socket_path = tmp_path / "consul.sock"
-    double = ConsulDouble()
+    double = SimConsul()
     await double.start(unix_path=str(socket_path))
     try:
         config = ConsulConfig.from_env({"CONSUL_HTTP_ADDR": f"unix://{socket_path}"})
@@ -316,7 +316,7 @@ async def test_https_with_ca_server_name_and_client_certificate(tmp_path: Path) 
     server.load_cert_chain(pki.server_cert, pki.server_key)
     server.load_verify_locations(pki.ca)
     server.verify_mode = ssl.CERT_REQUIRED  # mutual TLS, as verify_incoming = true
-    double = ConsulDouble()
+    double = SimConsul()
     await double.start(ssl_context=server)
     try:
         base = {
@@ -360,7 +360,7 @@ def assert_no_token(error: BaseException) -> None:
     assert TOKEN not in repr(error)
 
 
-async def test_forbidden_names_the_permission_and_hides_the_token(acl_double: ConsulDouble) -> None:
+async def test_forbidden_names_the_permission_and_hides_the_token(acl_double: SimConsul) -> None:
     async with ConsulClient(config_for(acl_double, token=TOKEN)) as client:
         with pytest.raises(ConsulForbidden) as error:
             await client.put("/v1/agent/service/register", GATEWAY_BODY)
@@ -373,7 +373,7 @@ async def test_forbidden_names_the_permission_and_hides_the_token(acl_double: Co
     assert_no_token(error.value)
 
 
-async def test_forbidden_without_token_or_with_unknown_token(acl_double: ConsulDouble) -> None:
+async def test_forbidden_without_token_or_with_unknown_token(acl_double: SimConsul) -> None:
     async with ConsulClient(config_for(acl_double)) as client:
         with pytest.raises(ConsulForbidden, match="no ACL token was sent: set CONSUL_HTTP_TOKEN"):
             await client.get("/v1/agent/self")
@@ -386,8 +386,8 @@ async def test_forbidden_without_token_or_with_unknown_token(acl_double: ConsulD
     assert "deleted-token" not in str(error.value)
 
 
-async def test_http_errors_carry_status_and_an_excerpt(double: ConsulDouble) -> None:
-    double.fail("/v1/health/", status=500, body="rpc error: " + "x" * 400)
+async def test_http_errors_carry_status_and_an_excerpt(double: SimConsul) -> None:
+    double.faults.fail("/v1/health/", status=500, body="rpc error: " + "x" * 400)
     async with ConsulClient(config_for(double)) as client:
         with pytest.raises(ConsulHTTPError) as error:
             await client.get("/v1/health/service/consul")
@@ -399,30 +399,30 @@ async def test_http_errors_carry_status_and_an_excerpt(double: ConsulDouble) -> 
         with pytest.raises(ConsulNotFound):
             await client.get("/v1/agent/service/nope")
         # A JSON object where Consul answers a list is refused; a list endpoint expected.
-        double.clear()
-        double.fail("/v1/health/", status=200, body='{"not": "a list"}')
+        double.faults.clear()
+        double.faults.fail("/v1/health/", status=200, body='{"not": "a list"}')
         with pytest.raises(ConsulBadResponse, match="expected a JSON array, got object"):
             await client.get("/v1/health/service/consul")
 
 
-async def test_garbage_is_a_bad_response(double: ConsulDouble) -> None:
-    double.garbage("/v1/catalog/services")
+async def test_garbage_is_a_bad_response(double: SimConsul) -> None:
+    double.faults.garbage("/v1/catalog/services")
     async with ConsulClient(config_for(double, token=TOKEN)) as client:
         with pytest.raises(ConsulBadResponse, match="invalid JSON") as error:
             await client.get("/v1/catalog/services")
     assert_no_token(error.value)
 
 
-async def test_dropped_connection_is_unavailable(double: ConsulDouble) -> None:
-    double.drop("/v1/status/leader")
+async def test_dropped_connection_is_unavailable(double: SimConsul) -> None:
+    double.faults.drop("/v1/status/leader")
     async with ConsulClient(config_for(double, token=TOKEN)) as client:
         with pytest.raises(ConsulUnavailable, match="closed the connection") as error:
             await client.get("/v1/status/leader")
     assert_no_token(error.value)
 
 
-async def test_hang_is_a_timeout(double: ConsulDouble) -> None:
-    double.hang("/v1/agent/self")
+async def test_hang_is_a_timeout(double: SimConsul) -> None:
+    double.faults.hang("/v1/agent/self")
     async with ConsulClient(config_for(double), timeout=0.2) as client:
         started = time.monotonic()
         with pytest.raises(ConsulTimeout, match=r"did not answer GET /v1/agent/self within 0.2s"):
@@ -430,7 +430,7 @@ async def test_hang_is_a_timeout(double: ConsulDouble) -> None:
     assert time.monotonic() - started < 2
 
 
-async def test_down_is_unavailable_and_names_the_address(double: ConsulDouble) -> None:
+async def test_down_is_unavailable_and_names_the_address(double: SimConsul) -> None:
     await double.down()
     async with ConsulClient(config_for(double, token=TOKEN)) as client:
         with pytest.raises(ConsulUnavailable) as error:
@@ -440,14 +440,14 @@ async def test_down_is_unavailable_and_names_the_address(double: ConsulDouble) -
     assert_no_token(error.value)
 
 
-async def test_blocking_request_timeout_covers_wait_and_jitter(double: ConsulDouble) -> None:
+async def test_blocking_request_timeout_covers_wait_and_jitter(double: SimConsul) -> None:
     async with ConsulClient(config_for(double), timeout=0.2) as client:
         first = await client.get("/v1/health/service/consul")
         started = time.monotonic()
         again = await client.get("/v1/health/service/consul", index=first.index, wait="400ms")
     assert again.index == first.index
     assert 0.4 <= time.monotonic() - started < 1.5
-    sent = double.find_requests("/v1/health/service/consul")[-1]
+    sent = double.requests.find("/v1/health/service/consul")[-1]
     assert (sent.query["index"], sent.query["wait"]) == (str(first.index), "400ms")
 
 
@@ -465,7 +465,7 @@ async def collect(query: BlockingQuery, queue: asyncio.Queue[Response]) -> None:
         await queue.put(answer)
 
 
-async def test_watch_yields_on_change_and_not_on_timeout(double: ConsulDouble) -> None:
+async def test_watch_yields_on_change_and_not_on_timeout(double: SimConsul) -> None:
     path = "/v1/health/service/consul"
     async with ConsulClient(config_for(double)) as client:
         queue: asyncio.Queue[Response] = asyncio.Queue()
@@ -474,21 +474,21 @@ async def test_watch_yields_on_change_and_not_on_timeout(double: ConsulDouble) -
             first = await asyncio.wait_for(queue.get(), 5)
             assert len(first.body) == 1
             # Request 2 blocks and times out with the same index; request 3 blocks again.
-            await double.wait_for_request_async(path, count=3)
-            await double.wait_blocked_async(1)
+            await double.requests.wait_for_async(path, count=3)
+            await double.raft.wait_blocked_async(1)
             assert queue.empty()
-            double.add_server("consul-server-1", "10.0.0.11")
+            double.servers.add("consul-server-1", "10.0.0.11")
             second = await asyncio.wait_for(queue.get(), 5)
             assert second.index > first.index
             assert len(second.body) == 2
         finally:
             await stop(task)
-    sent = double.find_requests(path)
+    sent = double.requests.find(path)
     assert "index" not in sent[0].query  # the first request does not block
     assert all(int(r.query["index"]) >= 1 and r.query["wait"] == "200ms" for r in sent[1:])
 
 
-async def test_watch_resets_a_backwards_index_and_never_sends_zero(double: ConsulDouble) -> None:
+async def test_watch_resets_a_backwards_index_and_never_sends_zero(double: SimConsul) -> None:
     path = "/v1/health/service/consul"
     async with ConsulClient(config_for(double)) as client:
         queue: asyncio.Queue[Response] = asyncio.Queue()
@@ -496,24 +496,24 @@ async def test_watch_resets_a_backwards_index_and_never_sends_zero(double: Consu
         task = asyncio.create_task(collect(query, queue))
         try:
             first = await asyncio.wait_for(queue.get(), 5)
-            await double.wait_blocked_async(1)
-            double.reset_index(1)
+            await double.raft.wait_blocked_async(1)
+            double.raft.reset(1)
             backwards = await asyncio.wait_for(queue.get(), 5)
             assert backwards.index == 1 < first.index  # yielded: the data may be new
-            await double.wait_blocked_async(1)
-            blocked_on = double.find_requests(path)[-1]
+            await double.raft.wait_blocked_async(1)
+            blocked_on = double.requests.find(path)[-1]
             assert blocked_on.query["index"] == "1"  # reset to 0, then raised to 1
-            double.add_server("consul-server-1", "10.0.0.11")
+            double.servers.add("consul-server-1", "10.0.0.11")
             after = await asyncio.wait_for(queue.get(), 5)
             assert 1 < after.index < first.index
             assert len(after.body) == 2
         finally:
             await stop(task)
-    for request in double.find_requests(path)[1:]:
+    for request in double.requests.find(path)[1:]:
         assert int(request.query["index"]) >= 1
 
 
-async def test_watch_backs_off_while_down_and_recovers(double: ConsulDouble) -> None:
+async def test_watch_backs_off_while_down_and_recovers(double: SimConsul) -> None:
     path = "/v1/health/service/consul"
     errors: list[tuple[type, int, float]] = []
     failing, recovered = asyncio.Event(), asyncio.Event()
@@ -536,13 +536,13 @@ async def test_watch_backs_off_while_down_and_recovers(double: ConsulDouble) -> 
         task = asyncio.create_task(collect(query, queue))
         try:
             first = await asyncio.wait_for(queue.get(), 5)
-            await double.wait_blocked_async(1)
+            await double.raft.wait_blocked_async(1)
             await double.down()
             await asyncio.wait_for(failing.wait(), 5)
             assert query.state is WatchState.FAILING
             assert query.last is first  # the last good answer is kept
             assert isinstance(query.last_error, ConsulUnavailable)
-            double.add_server("consul-server-1", "10.0.0.11")
+            double.servers.add("consul-server-1", "10.0.0.11")
             await double.up()
             await asyncio.wait_for(recovered.wait(), 5)
             second = await asyncio.wait_for(queue.get(), 5)
@@ -555,10 +555,10 @@ async def test_watch_backs_off_while_down_and_recovers(double: ConsulDouble) -> 
     assert all(0 <= delay <= 0.05 for _, _, delay in errors)
 
 
-async def test_watch_survives_forbidden_and_garbage(double: ConsulDouble) -> None:
+async def test_watch_survives_forbidden_and_garbage(double: SimConsul) -> None:
     path = "/v1/internal/federation-states/mesh-gateways"
-    double.fail(path, status=403, body="ACL not found", times=1)
-    double.garbage(path, times=1)
+    double.faults.fail(path, status=403, body="ACL not found", times=1)
+    double.faults.garbage(path, times=1)
     seen: list[type] = []
     async with ConsulClient(config_for(double)) as client:
         query = watch(client, path, on_error=lambda exc, n, d: seen.append(type(exc)), **FAST)
@@ -567,7 +567,7 @@ async def test_watch_survives_forbidden_and_garbage(double: ConsulDouble) -> Non
     assert answer.body == {}
 
 
-async def test_watch_state_after_the_first_answer(double: ConsulDouble) -> None:
+async def test_watch_state_after_the_first_answer(double: SimConsul) -> None:
     async with ConsulClient(config_for(double)) as client:
         query = BlockingQuery(client, "/v1/health/service/consul", wait="1s", **FAST)
         answer = await asyncio.wait_for(anext(aiter(query)), 5)

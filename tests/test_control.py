@@ -15,8 +15,8 @@ from typing import Any
 
 from meshgw.control import discovery
 from meshgw.control.registrar import GatewayRegistration, Registrar
+from meshgw.simconsul import GATEWAY_BODY, AclToken
 from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
-from tests.consul_double import GATEWAY_BODY, AclToken
 from tests.hellos import TRUST_DOMAIN as TD
 from tests.hellos import python_hello
 
@@ -71,18 +71,18 @@ def test_registration_body_is_consuls_own(consul, gateway_factory) -> None:
         address="10.0.0.5:8443",
         wan_address="203.0.113.5:443",
     )
-    double.wait_for_request("/v1/agent/service/register")
-    body = double.find_requests("/v1/agent/service/register")[0].json
+    double.requests.wait_for("/v1/agent/service/register")
+    body = double.requests.find("/v1/agent/service/register")[0].json
     assert body == GATEWAY_BODY
-    assert double.agent_service("mesh-gateway") is not None
+    assert double.agent.service("mesh-gateway") is not None
     assert gw.gateway is not None
 
 
 def test_registration_without_addresses_or_wan_federation(consul, gateway_factory) -> None:
     double = consul()
     gw = gateway_factory(consul=double.url, register=True, service_name="gw-east", proxy_id="gw-1")
-    double.wait_for_request("/v1/agent/service/register")
-    body = double.find_requests("/v1/agent/service/register")[0].json
+    double.requests.wait_for("/v1/agent/service/register")
+    body = double.requests.find("/v1/agent/service/register")[0].json
     assert body["Name"] == "gw-east" and body["ID"] == "gw-1"
     assert body["Address"] == "" and body["Port"] == gw.port
     assert "TaggedAddresses" not in body and "Meta" not in body
@@ -92,7 +92,7 @@ def test_registration_without_addresses_or_wan_federation(consul, gateway_factor
 def test_agent_losing_the_registration_gets_it_back(consul, gateway_factory) -> None:
     double = consul()
     gw = gateway_factory(consul=double.url, register=True, expose_servers=True)
-    double.wait_for_request("/v1/agent/service/register")
+    double.requests.wait_for("/v1/agent/service/register")
     # An agent restarted with a fresh data dir has forgotten every service.
     with urllib.request.urlopen(
         urllib.request.Request(
@@ -102,8 +102,8 @@ def test_agent_losing_the_registration_gets_it_back(consul, gateway_factory) -> 
     ):
         pass
     gw.call(gw.gateway.control.registrar.wake)  # rather than waiting out the 10 s interval
-    double.wait_for_request("/v1/agent/service/register", count=2)
-    assert double.agent_service("mesh-gateway") is not None
+    double.requests.wait_for("/v1/agent/service/register", count=2)
+    assert double.agent.service("mesh-gateway") is not None
 
 
 class StalledRegisterClient:
@@ -184,13 +184,13 @@ def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
         "--dc", "dc1", "--consul", double.url, "--register", "--expose-servers",
         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-timeout", "5",
     ).wait_listening()  # fmt: skip
-    double.wait_for_request("/v1/agent/service/register")
+    double.requests.wait_for("/v1/agent/service/register")
     held = connect(gw.port)
     held.sendall(b"\x16")  # a hello begun and never finished keeps the drain open
     try:
         gw.signal(signal.SIGTERM)
         gw.wait_for("deregistered from Consul")
-        assert double.agent_service("mesh-gateway") is None
+        assert double.agent.service("mesh-gateway") is None
         gw.wait_for("draining")
         lines = "".join(gw.lines)
         assert lines.index("deregistered from Consul") < lines.index("draining")
@@ -208,9 +208,9 @@ def test_routes_from_discovered_servers_and_federation_states(
     server = marker_backend(backend_factory, b"server-0")
     remote = marker_backend(backend_factory, b"dc2-gateway")
     double = consul()
-    double.set_datacenters(["dc1", "dc2"])
-    double.add_server("consul-server-0", "127.0.0.1", port=server.port)
-    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    double.catalog.set_datacenters(["dc1", "dc2"])
+    double.servers.add("consul-server-0", "127.0.0.1", port=server.port)
+    double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
     gw = gateway_factory(dc=None, consul=double.url, expose_servers=True)
     eventually(lambda: route_targets(gw.admin_port, "*.server.dc2.consul"))
     assert ready(gw.admin_port)
@@ -256,12 +256,12 @@ def test_remote_gateway_moving_is_followed(consul, gateway_factory, backend_fact
     old = marker_backend(backend_factory, b"old")
     new = marker_backend(backend_factory, b"new")
     double = consul()
-    double.set_datacenters(["dc1", "dc2"])
-    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", old.port))
+    double.catalog.set_datacenters(["dc1", "dc2"])
+    double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", old.port))
     gw = gateway_factory(consul=double.url, expose_servers=True)
     eventually(lambda: route_targets(gw.admin_port, "server.dc2.consul"))
     assert ask(gw.port, "server.dc2.consul") == b"old"
-    double.update_gateway("dc2", "gw-node", wan=("127.0.0.1", new.port))
+    double.gateways.update("dc2", "gw-node", wan=("127.0.0.1", new.port))
     started = time.monotonic()
     eventually(
         lambda: route_targets(gw.admin_port, "server.dc2.consul") == [f"127.0.0.1:{new.port}"]
@@ -274,9 +274,9 @@ def test_critical_gateways_are_tried_last(consul, gateway_factory, backend_facto
     good = marker_backend(backend_factory, b"good")
     sick = marker_backend(backend_factory, b"sick")
     double = consul()
-    double.set_datacenters(["dc1", "dc2"])
-    double.add_gateway("dc2", "a", "10.2.0.1", wan=("127.0.0.1", sick.port), status="critical")
-    double.add_gateway("dc2", "b", "10.2.0.2", wan=("127.0.0.1", good.port))
+    double.catalog.set_datacenters(["dc1", "dc2"])
+    double.gateways.add("dc2", "a", "10.2.0.1", wan=("127.0.0.1", sick.port), status="critical")
+    double.gateways.add("dc2", "b", "10.2.0.2", wan=("127.0.0.1", good.port))
     gw = gateway_factory(consul=double.url, expose_servers=True)
     eventually(lambda: len(route_targets(gw.admin_port, "server.dc2.consul")) == 2)
     assert {ask(gw.port, "server.dc2.consul") for _ in range(4)} == {b"good"}
@@ -287,8 +287,8 @@ def test_consul_unreachable_at_start_then_arriving(
 ) -> None:
     remote = marker_backend(backend_factory, b"dc2-gateway")
     double = consul()
-    double.set_datacenters(["dc1", "dc2"])
-    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    double.catalog.set_datacenters(["dc1", "dc2"])
+    double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
     double.down()
     gw = gateway_factory(dc=None, consul=double.url, expose_servers=True)
     assert not ready(gw.admin_port)  # the datacenter itself comes from the agent
@@ -305,19 +305,19 @@ def test_garbage_and_5xx_keep_the_last_good_topology(
 ) -> None:
     remote = marker_backend(backend_factory, b"dc2-gateway")
     double = consul()
-    double.set_datacenters(["dc1", "dc2"])
-    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    double.catalog.set_datacenters(["dc1", "dc2"])
+    double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
     gw = gateway_factory(consul=double.url, expose_servers=True)
     eventually(lambda: route_targets(gw.admin_port, "server.dc2.consul"))
-    double.garbage("/v1/internal/federation-states")
-    double.fail("/v1/health/service", status=500, body="rpc error: No cluster leader")
+    double.faults.garbage("/v1/internal/federation-states")
+    double.faults.fail("/v1/health/service", status=500, body="rpc error: No cluster leader")
     # Cut the blocking queries in flight so that every watch asks again and meets the faults.
     double.down()
     double.up()
-    double.add_gateway("dc2", "other", "10.2.0.9", wan=("127.0.0.1", 9))
-    seen = len(double.find_requests("/v1/internal/federation-states/mesh-gateways"))
-    double.wait_for_request("/v1/internal/federation-states/mesh-gateways", count=seen + 1)
-    double.wait_for_request("/v1/health/service/mesh-gateway", count=2)
+    double.gateways.add("dc2", "other", "10.2.0.9", wan=("127.0.0.1", 9))
+    seen = len(double.requests.find("/v1/internal/federation-states/mesh-gateways"))
+    double.requests.wait_for("/v1/internal/federation-states/mesh-gateways", count=seen + 1)
+    double.requests.wait_for("/v1/health/service/mesh-gateway", count=2)
     assert route_targets(gw.admin_port, "server.dc2.consul") == [f"127.0.0.1:{remote.port}"]
     assert ask(gw.port, "server.dc2.consul") == b"dc2-gateway"
 
@@ -371,7 +371,7 @@ def test_forbidden_names_the_permission_and_hides_the_token(consul, gateway_proc
     ).wait_listening()  # fmt: skip
     line = gw.wait_for("cannot register this gateway.*").group(0)
     assert "service:write" in line
-    assert any(r.token == TOKEN for r in double.find_requests("/v1/agent/service/register"))
+    assert any(r.token == TOKEN for r in double.requests.find("/v1/agent/service/register"))
     metrics = urllib.request.urlopen(
         f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=WAIT
     ).read()
@@ -394,7 +394,7 @@ def test_primary_gateways_route_until_federation_states_know_better(
     bootstrap = marker_backend(backend_factory, b"bootstrap")
     discovered = marker_backend(backend_factory, b"discovered")
     double = consul(datacenter="dc2", primary_datacenter="dc1")
-    double.set_datacenters(["dc1", "dc2"])
+    double.catalog.set_datacenters(["dc1", "dc2"])
     gw = gateway_factory(
         dc="dc2",
         consul=double.url,
@@ -404,14 +404,14 @@ def test_primary_gateways_route_until_federation_states_know_better(
     )
     eventually(lambda: route_targets(gw.admin_port, "server.dc1.consul"))
     assert ask(gw.port, "server.dc1.consul") == b"bootstrap"
-    double.add_gateway("dc1", "gw-node", "10.1.0.1", wan=("127.0.0.1", discovered.port))
+    double.gateways.add("dc1", "gw-node", "10.1.0.1", wan=("127.0.0.1", discovered.port))
     eventually(
         lambda: (
             route_targets(gw.admin_port, "server.dc1.consul") == [f"127.0.0.1:{discovered.port}"]
         )
     )
     assert ask(gw.port, "server.dc1.consul") == b"discovered"
-    double.remove_gateway("dc1", "gw-node")
+    double.gateways.remove("dc1", "gw-node")
     eventually(
         lambda: (
             route_targets(gw.admin_port, "server.dc1.consul") != [f"127.0.0.1:{discovered.port}"]
@@ -442,15 +442,15 @@ def test_sighup_reloads_routes_and_registration(consul, gateway_process, tmp_pat
         "--config", str(config), "--consul", double.url,
         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
     ).wait_listening()  # fmt: skip
-    double.wait_for_request("/v1/agent/service/register")
+    double.requests.wait_for("/v1/agent/service/register")
     config.write_text(
         'dc = "dc1"\nexpose_servers = true\nregister = true\n'
         'servers = ["s2=127.0.0.1:8301"]\nwan_address = "198.51.100.7:8443"\n'
     )
     gw.signal(signal.SIGHUP)
     gw.wait_for("settings reloaded")
-    double.wait_for_request("/v1/agent/service/register", count=2)
-    body = double.find_requests("/v1/agent/service/register")[-1].json
+    double.requests.wait_for("/v1/agent/service/register", count=2)
+    body = double.requests.find("/v1/agent/service/register")[-1].json
     assert body["TaggedAddresses"]["wan"] == {"Address": "198.51.100.7", "Port": 8443}
     assert route_targets(gw.admin_port, "s2.server.dc1.consul") == ["127.0.0.1:8301"]
     assert route_targets(gw.admin_port, "s1.server.dc1.consul") == []
@@ -466,19 +466,19 @@ def test_sighup_with_a_new_service_id_removes_the_old_registration(
         "--config", str(config), "--consul", double.url,
         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
     ).wait_listening()  # fmt: skip
-    double.wait_for_request("/v1/agent/service/register")
-    assert double.agent_service("mesh-gateway") is not None
+    double.requests.wait_for("/v1/agent/service/register")
+    assert double.agent.service("mesh-gateway") is not None
     config.write_text(
         'dc = "dc1"\nexpose_servers = true\nregister = true\nproxy_id = "mesh-gateway-east"\n'
     )
     gw.signal(signal.SIGHUP)
-    double.wait_for_request("/v1/agent/service/register", count=2)
+    double.requests.wait_for("/v1/agent/service/register", count=2)
     # The old entry would keep passing its TCP check on the same port: a phantom gateway.
-    assert double.agent_service("mesh-gateway") is None
-    assert double.agent_service("mesh-gateway-east") is not None
+    assert double.agent.service("mesh-gateway") is None
+    assert double.agent.service("mesh-gateway-east") is not None
     gw.signal(signal.SIGTERM)
     assert gw.wait_exit(WAIT) == 0
-    assert double.agent_service("mesh-gateway-east") is None
+    assert double.agent.service("mesh-gateway-east") is None
 
 
 def test_sighup_names_the_settings_that_need_a_restart(gateway_process, tmp_path) -> None:

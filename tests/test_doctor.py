@@ -31,8 +31,8 @@ from meshgw.doctor.checks import (
     check_names,
 )
 from meshgw.doctor.tls import name_matches
+from meshgw.simconsul import AclToken, SimConsulThread, mesh_gateway_node
 from meshgw.tls.certs import create_ca, create_cert
-from tests.consul_double import AclToken, ConsulDoubleThread, mesh_gateway_node
 
 TOKEN = "6b0d3c52-8f1e-4a8c-9d3e-2f5a7c1b9e04"
 ALL_CHECKS = {"agent", "gateways", "wan-address", "federation-state", "forwarding", "names", "tls"}
@@ -118,18 +118,18 @@ def failures(result: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 @dataclass
 class Federation:
-    double: ConsulDoubleThread
+    double: SimConsulThread
     dc1_gateway_port: int | None = None
 
 
-def catalog(double: ConsulDoubleThread, dc1_port: int = 8443, dc2_port: int = 9443) -> None:
+def catalog(double: SimConsulThread, dc1_port: int = 8443, dc2_port: int = 9443) -> None:
     """A healthy two-datacenter catalog: a server and a wanfed gateway with a WAN address in
     each datacenter (gateway addresses may be real meshgw gateways' ports)."""
-    double.set_datacenters(["dc1", "dc2"])
-    double.add_server("node1", "127.0.0.1", port=8300)
-    double.add_server("node2", "127.0.0.1", port=8300, dc="dc2")
-    double.add_gateway("dc1", "gw1", "127.0.0.1", dc1_port, wan=("127.0.0.1", dc1_port))
-    double.add_gateway("dc2", "gw2", "127.0.0.1", dc2_port, wan=("127.0.0.1", dc2_port))
+    double.catalog.set_datacenters(["dc1", "dc2"])
+    double.servers.add("node1", "127.0.0.1", port=8300)
+    double.servers.add("node2", "127.0.0.1", port=8300, dc="dc2")
+    double.gateways.add("dc1", "gw1", "127.0.0.1", dc1_port, wan=("127.0.0.1", dc1_port))
+    double.gateways.add("dc2", "gw2", "127.0.0.1", dc2_port, wan=("127.0.0.1", dc2_port))
 
 
 @pytest.fixture
@@ -219,7 +219,7 @@ def test_without_a_ca_file_the_tls_check_is_skipped(consul) -> None:
 def test_a_datacenter_without_the_wanfed_meta(consul) -> None:
     double = consul()
     catalog(double)
-    double.update_gateway("dc2", "gw2", wanfed=False)
+    double.gateways.update("dc2", "gw2", wanfed=False)
     report = as_json("--consul", double.url)
     assert failures(report) == [("gateways", "dc2")]
     (row,) = rows(report, "gateways", "fail")
@@ -231,7 +231,7 @@ def test_a_datacenter_without_the_wanfed_meta(consul) -> None:
 def test_a_datacenter_mixing_gateways_with_and_without_the_meta(consul) -> None:
     double = consul()
     catalog(double)
-    double.add_gateway("dc2", "gw2b", "127.0.0.2", 8443, wan=("127.0.0.2", 8443), wanfed=False)
+    double.gateways.add("dc2", "gw2b", "127.0.0.2", 8443, wan=("127.0.0.2", 8443), wanfed=False)
     report = as_json("--consul", double.url)
     assert failures(report) == [("gateways", "dc2")]
     (row,) = rows(report, "gateways", "fail")
@@ -242,8 +242,8 @@ def test_a_datacenter_mixing_gateways_with_and_without_the_meta(consul) -> None:
 def test_a_gateway_without_a_wan_address(consul) -> None:
     double = consul()
     catalog(double)
-    double.remove_gateway("dc2", "gw2")
-    double.add_gateway("dc2", "gw2", "10.2.0.5", 8443)  # no -wan-address
+    double.gateways.remove("dc2", "gw2")
+    double.gateways.add("dc2", "gw2", "10.2.0.5", 8443)  # no -wan-address
     report = as_json("--consul", double.url)
     assert failures(report) == [("wan-address", "dc2 gw2/mesh-gateway")]
     (row,) = rows(report, "wan-address", "fail")
@@ -254,7 +254,7 @@ def test_a_gateway_without_a_wan_address(consul) -> None:
 def test_a_missing_federation_state(consul) -> None:
     double = consul()
     catalog(double)
-    double.set_federation_state("dc2", None)  # and the leader's anti-entropy stays off
+    double.federation.set("dc2", None)  # and the leader's anti-entropy stays off
     report = as_json("--consul", double.url)
     assert failures(report) == [("gateways", "dc2"), ("federation-state", "dc2")]
     (state,) = rows(report, FEDERATION_STATE, "fail")
@@ -270,7 +270,7 @@ def test_forwarding_without_a_path_to_the_datacenter(consul) -> None:
     double = consul()
     catalog(double)
     # The only ?dc= request the doctor makes first: every remote catalog request fails.
-    double.fail("/v1/catalog/services", 500, "No path to datacenter")
+    double.faults.fail("/v1/catalog/services", 500, "No path to datacenter")
     result = doctor("--consul", double.url)
     assert result.exit_code == 1
     report = as_json("--consul", double.url)
@@ -286,18 +286,18 @@ def test_forwarding_without_a_path_to_the_datacenter(consul) -> None:
 def test_forwarding_that_never_answers(consul) -> None:
     double = consul()
     catalog(double)
-    double.hang("/v1/catalog/services")
+    double.faults.hang("/v1/catalog/services")
     report = as_json("--consul", double.url, "--timeout", "0.3")
     assert failures(report) == [("forwarding", "dc2")]
     (row,) = rows(report, "forwarding", "fail")
     assert "no answer within 0.3s" in row["detail"]
-    double.clear()
+    double.faults.clear()
 
 
 def test_a_dotted_server_node_name(consul) -> None:
     double = consul()
     catalog(double)
-    double.add_server("consul.server-2", "127.0.0.3", port=8300)
+    double.servers.add("consul.server-2", "127.0.0.3", port=8300)
     report = as_json("--consul", double.url)
     assert failures(report) == [("names", "dc1")]
     (row,) = rows(report, "names", "fail")
@@ -379,7 +379,7 @@ def test_consul_down_is_one_failed_check() -> None:
 def test_consul_answering_garbage(consul) -> None:
     double = consul()
     catalog(double)
-    double.garbage("/v1/agent/self")
+    double.faults.garbage("/v1/agent/self")
     report = as_json("--consul", double.url)
     assert failures(report) == [("agent", double.url)]
     assert "not with Consul's JSON" in rows(report, "agent")[0]["fix"]

@@ -1,6 +1,6 @@
-"""The Consul API double, checked against an independent client (py-consul) and raw HTTP.
+"""The simulated Consul agent, checked against an independent client (py-consul) and raw HTTP.
 
-py-consul is synchronous (requests), so those tests run the double in its own thread. The raw
+py-consul is synchronous (requests), so those tests run the simulator in its own thread. The raw
 aiohttp tests cover what py-consul has no call for: the internal federation-state endpoints,
 fault injection, the listener going away.
 """
@@ -24,11 +24,11 @@ from consul.exceptions import ACLPermissionDenied, BadRequest, ConsulException
 from cryptography import x509
 from multidict import CIMultiDictProxy
 
-from tests.consul_double import (
+from meshgw.simconsul import (
     GATEWAY_BODY,
     AclToken,
-    ConsulDouble,
-    ConsulDoubleThread,
+    SimConsul,
+    SimConsulThread,
     check_service_node,
     decode_registration,
     parse_go_duration,
@@ -52,13 +52,13 @@ def _clean_consul_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def threaded() -> Iterator[ConsulDoubleThread]:
-    with ConsulDoubleThread() as runner:
+def threaded() -> Iterator[SimConsulThread]:
+    with SimConsulThread() as runner:
         yield runner
 
 
 @pytest.fixture
-def acl_threaded() -> Iterator[ConsulDoubleThread]:
+def acl_threaded() -> Iterator[SimConsulThread]:
     tokens = [
         AclToken(
             GW_TOKEN,
@@ -73,12 +73,12 @@ def acl_threaded() -> Iterator[ConsulDoubleThread]:
         ),
         AclToken(READ_TOKEN, ("service:read",), accessor_id="66666666-7777-8888-9999-000000000000"),
     ]
-    with ConsulDoubleThread(acl_tokens=tokens) as runner:
+    with SimConsulThread(acl_tokens=tokens) as runner:
         yield runner
 
 
-def client(runner: ConsulDoubleThread, **kwargs: Any) -> consul.Consul:
-    double = runner.double
+def client(runner: SimConsulThread, **kwargs: Any) -> consul.Consul:
+    double = runner.sim
     assert double is not None
     return consul.Consul(host=double.host, port=double.port, **kwargs)
 
@@ -110,7 +110,7 @@ def register_gateway(c: consul.Consul, **extra: Any) -> bool:
 # --- py-consul --------------------------------------------------------------------------------
 
 
-def test_agent_self_has_datacenter_node_and_domain(threaded: ConsulDoubleThread) -> None:
+def test_agent_self_has_datacenter_node_and_domain(threaded: SimConsulThread) -> None:
     me = client(threaded).agent.self()
     assert me["Config"]["Datacenter"] == "dc1"
     assert me["Config"]["NodeName"] == "consul-client-0"
@@ -119,7 +119,7 @@ def test_agent_self_has_datacenter_node_and_domain(threaded: ConsulDoubleThread)
     assert me["Member"]["Tags"]["dc"] == "dc1"
 
 
-def test_register_mesh_gateway_then_agent_services(threaded: ConsulDoubleThread) -> None:
+def test_register_mesh_gateway_then_agent_services(threaded: SimConsulThread) -> None:
     c = client(threaded)
     assert register_gateway(c)
     svc = c.agent.services()["mesh-gateway"]
@@ -139,18 +139,18 @@ def test_register_mesh_gateway_then_agent_services(threaded: ConsulDoubleThread)
         "envoy_gateway_no_default_bind": True,
         "envoy_gateway_bind_tagged_addresses": True,
     }
-    checks = threaded.agent_checks("mesh-gateway")
+    checks = threaded.agent.checks("mesh-gateway")
     assert [(ch["CheckID"], ch["Type"], ch["Status"]) for ch in checks] == [
         ("service:mesh-gateway", "tcp", "critical")  # new checks start critical, as in Consul
     ]
-    sent = threaded.find_requests("/v1/agent/service/register")[-1]
+    sent = threaded.requests.find("/v1/agent/service/register")[-1]
     assert sent.method == "PUT"
     assert sent.json["Kind"] == "mesh-gateway"  # py-consul mixes cases in one body
     assert sent.json["tagged_addresses"]["wan"] == {"address": "203.0.113.5", "port": 443}
 
 
 def test_registration_lands_in_catalog_health_and_federation_state(
-    threaded: ConsulDoubleThread,
+    threaded: SimConsulThread,
 ) -> None:
     c = client(threaded)
     register_gateway(c)
@@ -162,16 +162,16 @@ def test_registration_lands_in_catalog_health_and_federation_state(
     }
     _, passing = c.health.service("mesh-gateway", passing=True)
     assert passing == []  # the TCP check has not passed yet
-    threaded.set_check_status("consul-client-0", "passing", service_id="mesh-gateway")
+    threaded.agent.set_check_status("mesh-gateway", "passing")
     _, passing = c.health.service("mesh-gateway", passing=True)
     assert len(passing) == 1
-    state = threaded.federation_state("dc1")
+    state = threaded.federation.state("dc1")
     assert state is not None
     assert [g["Service"]["ID"] for g in state["MeshGateways"]] == ["mesh-gateway"]
     assert state["MeshGateways"][0]["Checks"][-1]["Status"] == "passing"
 
 
-def test_registration_rejected_like_consul(threaded: ConsulDoubleThread) -> None:
+def test_registration_rejected_like_consul(threaded: SimConsulThread) -> None:
     c = client(threaded)
     with pytest.raises(BadRequest, match="Key prefix 'consul-' is reserved for internal use"):
         register_gateway(c, kind=None)  # the reserved meta key needs Kind mesh-gateway
@@ -182,7 +182,7 @@ def test_registration_rejected_like_consul(threaded: ConsulDoubleThread) -> None
     assert c.agent.services() == {}
 
 
-def test_deregister_removes_service_and_checks(threaded: ConsulDoubleThread) -> None:
+def test_deregister_removes_service_and_checks(threaded: SimConsulThread) -> None:
     c = client(threaded)
     register_gateway(c)
     assert c.agent.service.deregister("mesh-gateway")
@@ -191,8 +191,8 @@ def test_deregister_removes_service_and_checks(threaded: ConsulDoubleThread) -> 
     assert c.agent.service.deregister("never-registered")  # a no-op (CONSUL.md §7)
 
 
-def test_catalog_datacenters_and_cross_dc_forwarding(threaded: ConsulDoubleThread) -> None:
-    threaded.add_gateway("dc2", "gw-dc2-a", "10.2.0.5", wan=("198.51.100.7", 443))
+def test_catalog_datacenters_and_cross_dc_forwarding(threaded: SimConsulThread) -> None:
+    threaded.gateways.add("dc2", "gw-dc2-a", "10.2.0.5", wan=("198.51.100.7", 443))
     c = client(threaded)
     assert c.catalog.datacenters() == ["dc1", "dc2"]
     _, services = c.catalog.services(dc="dc2")
@@ -201,7 +201,7 @@ def test_catalog_datacenters_and_cross_dc_forwarding(threaded: ConsulDoubleThrea
         c.catalog.services(dc="dc9")
 
 
-def test_catalog_service_flat_shape(threaded: ConsulDoubleThread) -> None:
+def test_catalog_service_flat_shape(threaded: SimConsulThread) -> None:
     index, nodes = client(threaded).catalog.service("consul")
     assert int(index) >= 1
     assert len(nodes) == 1
@@ -233,9 +233,9 @@ def test_catalog_service_flat_shape(threaded: ConsulDoubleThread) -> None:
     assert entry["ServiceMeta"]["raft_version"] == "3"
 
 
-def test_health_service_passing_filter_and_shape(threaded: ConsulDoubleThread) -> None:
-    threaded.add_gateway("dc1", "gw-a", "10.0.0.21")
-    threaded.add_gateway("dc1", "gw-b", "10.0.0.22", status="critical")
+def test_health_service_passing_filter_and_shape(threaded: SimConsulThread) -> None:
+    threaded.gateways.add("dc1", "gw-a", "10.0.0.21")
+    threaded.gateways.add("dc1", "gw-b", "10.0.0.22", status="critical")
     c = client(threaded)
     _, every = c.health.service("mesh-gateway")
     _, passing = c.health.service("mesh-gateway", passing=True)
@@ -259,9 +259,9 @@ def test_health_service_passing_filter_and_shape(threaded: ConsulDoubleThread) -
     }
 
 
-def test_health_connect_lists_proxies_and_native_services(threaded: ConsulDoubleThread) -> None:
-    threaded.add_connect_service("web", "node-web", "10.0.0.30", 8080, proxy_port=21000)
-    threaded.add_connect_service("api", "node-api", "10.0.0.31", 9090, native=True)
+def test_health_connect_lists_proxies_and_native_services(threaded: SimConsulThread) -> None:
+    threaded.services.add("web", "node-web", "10.0.0.30", 8080, proxy_port=21000)
+    threaded.services.add("api", "node-api", "10.0.0.31", 9090, native=True)
     c = client(threaded)
     _, web = c.health.connect("web")
     assert [(e["Service"]["Kind"], e["Service"]["Port"]) for e in web] == [("connect-proxy", 21000)]
@@ -273,14 +273,14 @@ def test_health_connect_lists_proxies_and_native_services(threaded: ConsulDouble
     assert c.health.connect("nothing")[1] == []
 
 
-def test_blocking_query_returns_after_a_mutation(threaded: ConsulDoubleThread) -> None:
+def test_blocking_query_returns_after_a_mutation(threaded: SimConsulThread) -> None:
     c = client(threaded)
     index, before = c.health.service("consul")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
 
         def mutate() -> None:
-            threaded.wait_blocked(1)  # py-consul is parked in the blocking query
-            threaded.add_server("consul-server-1", "10.0.0.11")
+            threaded.raft.wait_blocked(1)  # py-consul is parked in the blocking query
+            threaded.servers.add("consul-server-1", "10.0.0.11")
 
         done = pool.submit(mutate)
         started = time.monotonic()
@@ -291,10 +291,10 @@ def test_blocking_query_returns_after_a_mutation(threaded: ConsulDoubleThread) -
     assert len(after) == len(before) + 1
 
 
-def test_blocking_query_times_out_with_the_same_index(threaded: ConsulDoubleThread) -> None:
+def test_blocking_query_times_out_with_the_same_index(threaded: SimConsulThread) -> None:
     c = client(threaded)
     index, _ = c.health.service("consul")
-    threaded.add_gateway("dc2", "gw", "10.2.0.5")  # another view: must not wake this one
+    threaded.gateways.add("dc2", "gw", "10.2.0.5")  # another view: must not wake this one
     started = time.monotonic()
     again, _ = c.health.service("consul", index=index, wait="1s")
     elapsed = time.monotonic() - started
@@ -302,21 +302,21 @@ def test_blocking_query_times_out_with_the_same_index(threaded: ConsulDoubleThre
     assert 1.0 <= elapsed < 1.0 + 1 / 16 + 0.5  # wait plus Consul's jitter of up to wait/16
 
 
-def test_status_leader_and_peers(threaded: ConsulDoubleThread) -> None:
+def test_status_leader_and_peers(threaded: SimConsulThread) -> None:
     c = client(threaded)
-    threaded.add_server("consul-server-1", "10.0.0.11")
+    threaded.servers.add("consul-server-1", "10.0.0.11")
     assert c.status.leader() == "10.0.0.10:8300"
     assert c.status.peers() == ["10.0.0.10:8300", "10.0.0.11:8300"]
-    threaded.remove_server("consul-server-0")
+    threaded.servers.remove("consul-server-0")
     assert c.status.leader() == "10.0.0.11:8300"  # the next server took over
     assert c.status.peers() == ["10.0.0.11:8300"]
     assert [e["Node"]["Node"] for e in c.health.service("consul")[1]] == ["consul-server-1"]
-    threaded.set_leader(None)
+    threaded.servers.set_leader(None)
     assert c.status.leader() == ""
 
 
-def test_connect_ca_roots(threaded: ConsulDoubleThread) -> None:
-    threaded.set_ca(trust_domain="7f42f496-fbc7-8692-05ed-334aa5340c1e.consul")
+def test_connect_ca_roots(threaded: SimConsulThread) -> None:
+    threaded.ca.set(trust_domain="7f42f496-fbc7-8692-05ed-334aa5340c1e.consul")
     roots = client(threaded).connect.ca.roots()
     assert roots["TrustDomain"] == "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
     active = [r for r in roots["Roots"] if r["Active"]]
@@ -328,14 +328,14 @@ def test_connect_ca_roots(threaded: ConsulDoubleThread) -> None:
     ]
 
 
-def test_acl_token_accepted_and_sent(acl_threaded: ConsulDoubleThread) -> None:
+def test_acl_token_accepted_and_sent(acl_threaded: SimConsulThread) -> None:
     c = client(acl_threaded, token=GW_TOKEN)
     assert register_gateway(c)
-    assert acl_threaded.find_requests("/v1/agent/service/register")[-1].token == GW_TOKEN
+    assert acl_threaded.requests.find("/v1/agent/service/register")[-1].token == GW_TOKEN
     assert list(c.agent.services()) == ["mesh-gateway"]
 
 
-def test_acl_missing_unknown_or_weak_token_is_refused(acl_threaded: ConsulDoubleThread) -> None:
+def test_acl_missing_unknown_or_weak_token_is_refused(acl_threaded: SimConsulThread) -> None:
     with pytest.raises(
         ACLPermissionDenied, match="anonymous token lacks permission 'service:write'"
     ):
@@ -348,10 +348,10 @@ def test_acl_missing_unknown_or_weak_token_is_refused(acl_threaded: ConsulDouble
         "Permission denied: token with AccessorID '66666666-7777-8888-9999-000000000000' "
         "lacks permission 'service:write' on \"mesh-gateway\""
     )
-    assert acl_threaded.agent_service("mesh-gateway") is None
+    assert acl_threaded.agent.service("mesh-gateway") is None
 
 
-def test_acl_filters_lists_instead_of_refusing(acl_threaded: ConsulDoubleThread) -> None:
+def test_acl_filters_lists_instead_of_refusing(acl_threaded: SimConsulThread) -> None:
     # READ_TOKEN has service:read but no node:read: Consul filters the entries out.
     _, entries = client(acl_threaded, token=READ_TOKEN).health.service("consul")
     assert entries == []
@@ -363,7 +363,7 @@ def test_acl_filters_lists_instead_of_refusing(acl_threaded: ConsulDoubleThread)
 
 
 async def get(
-    session: aiohttp.ClientSession, double: ConsulDouble, path: str
+    session: aiohttp.ClientSession, double: SimConsul, path: str
 ) -> tuple[int, Any, CIMultiDictProxy[str]]:
     async with session.get(double.url + path) as answer:
         text = await answer.text()
@@ -371,9 +371,9 @@ async def get(
 
 
 async def test_federation_state_endpoints() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
-        double.add_gateway("dc2", "gw-dc2-a", "10.2.0.5", wan=("198.51.100.7", 443))
-        double.set_datacenters(["dc2", "dc3"])  # dc3 exists but has no gateway
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
+        double.gateways.add("dc2", "gw-dc2-a", "10.2.0.5", wan=("198.51.100.7", 443))
+        double.catalog.set_datacenters(["dc2", "dc3"])  # dc3 exists but has no gateway
 
         status, states, headers = await get(session, double, "/v1/internal/federation-states")
         assert status == 200
@@ -419,46 +419,46 @@ async def test_federation_state_endpoints() -> None:
 
 
 async def test_federation_state_modify_index_follows_gateway_changes() -> None:
-    async with ConsulDouble() as double:
-        double.add_gateway("dc2", "gw-dc2-a", "10.2.0.5")
-        first = double.federation_state("dc2")
+    async with SimConsul() as double:
+        double.gateways.add("dc2", "gw-dc2-a", "10.2.0.5")
+        first = double.federation.state("dc2")
         assert first is not None
-        double.add_connect_service("web", "node-web", "10.0.0.30", 8080)  # unrelated
-        assert double.federation_state("dc2") == first
-        double.update_gateway("dc2", "gw-dc2-a", address="10.2.0.6")
-        second = double.federation_state("dc2")
+        double.services.add("web", "node-web", "10.0.0.30", 8080)  # unrelated
+        assert double.federation.state("dc2") == first
+        double.gateways.update("dc2", "gw-dc2-a", address="10.2.0.6")
+        second = double.federation.state("dc2")
         assert second is not None
         assert second["CreateIndex"] == first["CreateIndex"]
         assert second["ModifyIndex"] > first["ModifyIndex"]
         assert second["MeshGateways"][0]["Service"]["Address"] == "10.2.0.6"
-        double.update_gateway("dc2", "gw-dc2-a", status="critical")
-        third = double.federation_state("dc2")
+        double.gateways.update("dc2", "gw-dc2-a", status="critical")
+        third = double.federation.state("dc2")
         assert third is not None and third["ModifyIndex"] > second["ModifyIndex"]
-        double.remove_gateway("dc2", "gw-dc2-a")
-        gone = double.federation_state("dc2")
+        double.gateways.remove("dc2", "gw-dc2-a")
+        gone = double.federation.state("dc2")
         assert gone is not None and "MeshGateways" not in gone  # omitempty
 
 
 async def test_stale_federation_state_can_be_frozen() -> None:
-    async with ConsulDouble() as double:
-        double.add_gateway("dc2", "gw-dc2-a", "10.2.0.5")
+    async with SimConsul() as double:
+        double.gateways.add("dc2", "gw-dc2-a", "10.2.0.5")
         stale = [check_service_node("gw-dc2-a", "10.2.0.1", "mesh-gateway", 8443, dc="dc2")]
-        double.set_federation_state("dc2", stale)
-        double.update_gateway("dc2", "gw-dc2-a", address="10.2.0.9")  # catalog moves on
-        state = double.federation_state("dc2")
+        double.federation.set("dc2", stale)
+        double.gateways.update("dc2", "gw-dc2-a", address="10.2.0.9")  # catalog moves on
+        state = double.federation.state("dc2")
         assert state is not None
         assert state["MeshGateways"][0]["Service"]["Address"] == "10.2.0.1"
 
 
 async def test_blocking_wakes_on_anti_entropy_after_delay() -> None:
-    async with ConsulDouble(anti_entropy_delay=0.1) as double, aiohttp.ClientSession() as session:
+    async with SimConsul(anti_entropy_delay=0.1) as double, aiohttp.ClientSession() as session:
         _, _, headers = await get(session, double, "/v1/internal/federation-states")
         index = headers["X-Consul-Index"]
         async with session.put(
             double.url + "/v1/agent/service/register", json=GATEWAY_BODY
         ) as answer:
             assert answer.status == 200
-        assert double.federation_state("dc1") is None  # not synced yet
+        assert double.federation.state("dc1") is None  # not synced yet
         started = time.monotonic()
         _, states, after = await get(
             session, double, f"/v1/internal/federation-states?index={index}&wait=5s"
@@ -470,8 +470,8 @@ async def test_blocking_wakes_on_anti_entropy_after_delay() -> None:
 
 async def test_federation_endpoints_need_operator_read() -> None:
     tokens = [AclToken("reader", ("service:read", "node:read"), accessor_id="a-1")]
-    async with ConsulDouble(acl_tokens=tokens) as double, aiohttp.ClientSession() as session:
-        double.add_gateway("dc2", "gw", "10.2.0.5")
+    async with SimConsul(acl_tokens=tokens) as double, aiohttp.ClientSession() as session:
+        double.gateways.add("dc2", "gw", "10.2.0.5")
         headers = {"X-Consul-Token": "reader"}
         async with session.get(
             double.url + "/v1/internal/federation-states", headers=headers
@@ -510,19 +510,19 @@ async def test_pascal_and_snake_case_registrations_are_the_same() -> None:
         },
     }
     assert decode_registration(snake) == decode_registration(GATEWAY_BODY)
-    async with ConsulDouble() as first, ConsulDouble() as second:
+    async with SimConsul() as first, SimConsul() as second:
         async with aiohttp.ClientSession() as session:
             for double, body in ((first, GATEWAY_BODY), (second, snake)):
                 async with session.put(
                     double.url + "/v1/agent/service/register", json=body
                 ) as answer:
                     assert answer.status == 200
-        assert first.agent_service("mesh-gateway") == second.agent_service("mesh-gateway")
-        assert first.agent_checks("mesh-gateway") == second.agent_checks("mesh-gateway")
+        assert first.agent.service("mesh-gateway") == second.agent.service("mesh-gateway")
+        assert first.agent.checks("mesh-gateway") == second.agent.checks("mesh-gateway")
 
 
 async def test_registration_decode_errors() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
         url = double.url + "/v1/agent/service/register"
         async with session.put(url, json={**GATEWAY_BODY, "Port": "8443"}) as answer:
             assert answer.status == 400
@@ -534,7 +534,7 @@ async def test_registration_decode_errors() -> None:
 
 
 async def test_reregistration_without_change_does_not_bump_the_catalog() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
         url = double.url + "/v1/agent/service/register"
         async with session.put(url, json=GATEWAY_BODY):
             pass
@@ -546,7 +546,7 @@ async def test_reregistration_without_change_does_not_bump_the_catalog() -> None
 
 
 async def test_blocking_parameters_are_validated() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
         async with session.get(double.url + "/v1/health/service/consul?index=3&wait=soon") as r:
             assert (r.status, await r.text()) == (400, "Invalid wait time")
         async with session.get(double.url + "/v1/health/service/consul?index=-1") as r:
@@ -554,8 +554,8 @@ async def test_blocking_parameters_are_validated() -> None:
 
 
 async def test_lost_leader_fails_consistent_reads_but_not_stale_ones() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
-        double.set_leader(None)
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
+        double.servers.set_leader(None)
         async with session.get(double.url + "/v1/health/service/consul") as r:
             assert (r.status, await r.text()) == (500, "No cluster leader")
         status, entries, headers = await get(session, double, "/v1/health/service/consul?stale")
@@ -564,9 +564,9 @@ async def test_lost_leader_fails_consistent_reads_but_not_stale_ones() -> None:
 
 
 async def test_filter_subset_and_headers() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
-        double.add_gateway("dc1", "gw-fed", "10.0.0.21")
-        double.add_gateway("dc1", "gw-plain", "10.0.0.22", wanfed=False)
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
+        double.gateways.add("dc1", "gw-fed", "10.0.0.21")
+        double.gateways.add("dc1", "gw-plain", "10.0.0.22", wanfed=False)
         expr = 'Service.Meta["consul-wan-federation"] == "1"'
         async with session.get(
             double.url + "/v1/health/service/mesh-gateway", params={"filter": expr}
@@ -583,7 +583,7 @@ async def test_filter_subset_and_headers() -> None:
 
 
 async def test_agent_service_hash_blocking() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
         async with session.get(double.url + "/v1/agent/service/mesh-gateway") as answer:
             assert answer.status == 404
         url = double.url + "/v1/agent/service/register"
@@ -594,7 +594,7 @@ async def test_agent_service_hash_blocking() -> None:
         assert svc["Datacenter"] == "dc1"
         path = f"/v1/agent/service/mesh-gateway?hash={svc['ContentHash']}&wait=5s"
         pending = asyncio.create_task(get(session, double, path))
-        await double.wait_for_request_async("/v1/agent/service/mesh-gateway", count=3)
+        await double.requests.wait_for_async("/v1/agent/service/mesh-gateway", count=3)
         async with session.put(url, json={**GATEWAY_BODY, "Port": 8444}):
             pass
         _, changed, _ = await asyncio.wait_for(pending, 4)
@@ -612,7 +612,7 @@ async def test_tcp_checks_follow_the_target() -> None:
         "Check": {"TCP": f"127.0.0.1:{port}", "Interval": "10s"},
     }
     try:
-        async with ConsulDouble(check_interval=0.02) as double, aiohttp.ClientSession() as s:
+        async with SimConsul(check_interval=0.02) as double, aiohttp.ClientSession() as s:
             async with s.put(double.url + "/v1/agent/service/register", json=body):
                 pass
             path, index = "/v1/health/service/mesh-gateway", "1"
@@ -634,8 +634,8 @@ async def test_tcp_checks_follow_the_target() -> None:
 
 
 async def test_fail_for_a_number_of_times() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
-        double.fail("/v1/health/", status=503, body="rpc error: no leader", times=2)
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
+        double.faults.fail("/v1/health/", status=503, body="rpc error: no leader", times=2)
         statuses = []
         for _ in range(3):
             async with session.get(double.url + "/v1/health/service/consul") as answer:
@@ -646,56 +646,56 @@ async def test_fail_for_a_number_of_times() -> None:
 
 
 async def test_garbage_drop_and_hang() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
-        double.garbage("/v1/catalog/*")
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
+        double.faults.garbage("/v1/catalog/*")
         async with session.get(double.url + "/v1/catalog/services") as answer:
             assert answer.status == 200
             with pytest.raises(json.JSONDecodeError):
                 json.loads(await answer.text())
-        double.clear()
+        double.faults.clear()
 
-        double.drop("/v1/status/leader")  # aiohttp retries a reused connection once
+        double.faults.drop("/v1/status/leader")  # aiohttp retries a reused connection once
         with pytest.raises(aiohttp.ServerDisconnectedError):
             async with session.get(double.url + "/v1/status/leader") as answer:
                 await answer.read()
-        assert len(double.find_requests("/v1/status/leader")) == 2
-        double.clear()
+        assert len(double.requests.find("/v1/status/leader")) == 2
+        double.faults.clear()
         status, leader, _ = await get(session, double, "/v1/status/leader")
         assert (status, leader) == (200, "10.0.0.10:8300")
 
-        double.hang("/v1/agent/self")
+        double.faults.hang("/v1/agent/self")
         with pytest.raises(TimeoutError):
             async with session.get(
                 double.url + "/v1/agent/self", timeout=aiohttp.ClientTimeout(total=0.2)
             ) as answer:
                 await answer.read()
         pending = asyncio.create_task(get(session, double, "/v1/agent/self"))
-        await double.wait_for_request_async("/v1/agent/self", count=2)  # parked
-        double.clear("/v1/agent/self")
+        await double.requests.wait_for_async("/v1/agent/self", count=2)  # parked
+        double.faults.clear("/v1/agent/self")
         status, me, _ = await asyncio.wait_for(pending, 5)
         assert status == 200 and me["Config"]["Datacenter"] == "dc1"
 
 
 async def test_reset_index_goes_backwards() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
         _, _, before = await get(session, double, "/v1/health/service/consul")
         assert int(before["X-Consul-Index"]) > 2
-        double.reset_index(1)
+        double.raft.reset(1)
         _, _, after = await get(session, double, "/v1/health/service/consul")
         assert after["X-Consul-Index"] == "1"
-        double.add_server("consul-server-1", "10.0.0.11")
+        double.servers.add("consul-server-1", "10.0.0.11")
         _, _, later = await get(session, double, "/v1/health/service/consul")
         assert 1 < int(later["X-Consul-Index"]) < int(before["X-Consul-Index"]) + 5
 
 
 async def test_down_refuses_connections_and_up_listens_again() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
         url = double.url
         _, _, headers = await get(session, double, "/v1/health/service/consul")
         blocked = asyncio.create_task(
             get(session, double, f"/v1/health/service/consul?index={headers['X-Consul-Index']}")
         )
-        await double.wait_blocked_async(1)
+        await double.raft.wait_blocked_async(1)
         await double.down()
         with pytest.raises(aiohttp.ClientError):
             await blocked  # the open connection was cut
@@ -708,7 +708,7 @@ async def test_down_refuses_connections_and_up_listens_again() -> None:
         assert status == 200
 
 
-def test_thread_double_down_up(threaded: ConsulDoubleThread) -> None:
+def test_thread_double_down_up(threaded: SimConsulThread) -> None:
     c = client(threaded)
     threaded.down()
     with pytest.raises(Exception, match=r"Connection refused|Max retries"):
@@ -718,14 +718,14 @@ def test_thread_double_down_up(threaded: ConsulDoubleThread) -> None:
 
 
 async def test_requests_are_recorded() -> None:
-    async with ConsulDouble() as double, aiohttp.ClientSession() as session:
+    async with SimConsul() as double, aiohttp.ClientSession() as session:
         async with session.get(
             double.url + "/v1/health/service/consul",
             params={"passing": "", "dc": "dc1"},
             headers={"X-Consul-Token": "abc"},
         ):
             pass
-        (request,) = double.find_requests("/v1/health/service/*")
+        (request,) = double.requests.find("/v1/health/service/*")
         assert request.method == "GET"
         assert request.query["dc"] == "dc1" and "passing" in request.query
         assert request.headers["x-consul-token"] == "abc"
@@ -752,7 +752,7 @@ def test_module_entry_point_serves(tmp_path: Path) -> None:
             }
         )
     )
-    command = [sys.executable, "-m", "tests.consul_double", "--port", "0", "--state", str(state)]
+    command = [sys.executable, "-m", "meshgw.simconsul", "--port", "0", "--state", str(state)]
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as child:
         try:
             assert child.stdout is not None
