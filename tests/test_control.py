@@ -233,7 +233,7 @@ def test_a_dotted_server_node_name_does_not_stop_discovery(
     first = marker_backend(backend_factory, b"ec2")
     second = marker_backend(backend_factory, b"server-1")
     double = consul()
-    double.add_server("ip-10-0-0-1.ec2.internal", "127.0.0.1", port=first.port)
+    double.servers.add("ip-10-0-0-1.ec2.internal", "127.0.0.1", port=first.port)
     gw = gateway_process(
         "--dc", "dc1", "--consul", double.url, "--expose-servers",
         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "1",
@@ -242,7 +242,7 @@ def test_a_dotted_server_node_name_does_not_stop_discovery(
     eventually(lambda: route_targets(gw.admin_port, "server.dc1.consul"))
     assert ask(gw.port, "server.dc1.consul") == b"ec2"
     # The watch lives on: a change after the dotted name is still learned.
-    double.add_server("consul-server-1", "127.0.0.1", port=second.port)
+    double.servers.add("consul-server-1", "127.0.0.1", port=second.port)
     eventually(lambda: route_targets(gw.admin_port, "consul-server-1.server.dc1.consul"))
     assert ask(gw.port, "consul-server-1.server.dc1.consul") == b"server-1"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=WAIT)
@@ -330,8 +330,8 @@ def test_a_hung_agent_is_seen_within_seconds(
     monkeypatch.setattr(discovery, "AGENT_PROBE_TIMEOUT", 0.5)
     remote = marker_backend(backend_factory, b"dc2-gateway")
     double = consul()
-    double.set_datacenters(["dc1", "dc2"])
-    double.add_gateway("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
+    double.catalog.set_datacenters(["dc1", "dc2"])
+    double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
     gw = gateway_factory(consul=double.url, expose_servers=True)
     eventually(lambda: route_targets(gw.admin_port, "server.dc2.consul"))
 
@@ -342,13 +342,13 @@ def test_a_hung_agent_is_seen_within_seconds(
     assert sources()["agent"]["state"] == "ok"
     # The agent accepts connections and never answers: blocking queries alone would not
     # notice for minutes.
-    double.hang("/v1/")
+    double.faults.hang("/v1/")
     eventually(lambda: sources()["agent"]["state"] == "failing", timeout=5)
     assert all(source["stale"] for source in sources().values())
     assert metric_value(gw.admin_port, 'meshgw_consul_up{source="agent"}') == 0
     assert "Consul unavailable for agent" in caplog.text
     assert ask(gw.port, "server.dc2.consul") == b"dc2-gateway"  # the last good routes stay
-    double.clear()
+    double.faults.clear()
     eventually(lambda: sources()["agent"]["state"] == "ok", timeout=5)
     assert metric_value(gw.admin_port, 'meshgw_consul_up{source="agent"}') == 1
     assert "Consul answers agent again" in caplog.text
