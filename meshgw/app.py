@@ -22,7 +22,8 @@ from meshgw.control.consul import ConsulClient, ConsulConfig, ConsulConfigError
 from meshgw.control.discovery import Discovery
 from meshgw.control.registrar import GatewayRegistration, Registrar
 from meshgw.dataplane.budget import DescriptorBudget
-from meshgw.dataplane.listener import DataPlaneConfig, Listener
+from meshgw.dataplane.context import DataPlaneConfig
+from meshgw.dataplane.listener import Listener
 from meshgw.dataplane.workers import WorkerPool, merge_metrics
 from meshgw.metrics import Metrics
 from meshgw.routing import RouteKind, RouteTable

@@ -97,7 +97,7 @@ class GatewayThread:
         return done["value"]
 
     def active(self) -> int:
-        return self.call(lambda: len(self.gateway.listener.connections))  # type: ignore[union-attr]
+        return self.call(lambda: len(self.gateway.listener.dp.connections))  # type: ignore[union-attr]
 
     def wait_idle(self, timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout

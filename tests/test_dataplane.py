@@ -248,7 +248,7 @@ def test_no_pipe_to_be_had_moves_the_burst_through_userspace(
     server = bulk_backend(backend_factory, 16 << 20, got)
     gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"], pump="splice")
     if shortage == "budget":
-        gw.call(lambda: setattr(gw.gateway.listener.pipes, "max_pipes", 0))
+        gw.call(lambda: setattr(gw.gateway.listener.dp.pipes, "max_pipes", 0))
     else:
 
         def out_of_descriptors(flags: int) -> tuple[int, int]:
@@ -696,8 +696,9 @@ def test_no_descriptor_growth_after_thousands_of_mixed_connections(
 def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factory, backend_factory):
     """A connection and its flows go as soon as it closes: no garbage left for the collector,
     whose walks over thousands of connections would cost every connection CPU."""
-    from meshgw.dataplane.listener import Connection
+    from meshgw.dataplane.opening import Opening
     from meshgw.dataplane.pump import Flow
+    from meshgw.dataplane.tunnel import Tunnel
 
     def reply(conn: socket.socket) -> None:
         conn.recv(65536)
@@ -716,7 +717,7 @@ def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factor
                 assert recv_all(client) == b"hi"
         gw.wait_idle()
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, Connection | Flow)]
+        left = [o for o in gc.garbage if isinstance(o, Opening | Tunnel | Flow)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()

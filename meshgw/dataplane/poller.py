@@ -49,6 +49,10 @@ class Poller:
         self.handlers[fd] = handler
         self._epoll.register(fd, _MASK)
 
+    def swap(self, fd: int, handler: Handler) -> None:
+        """Give a registered `fd`'s events to another handler: no system call."""
+        self.handlers[fd] = handler
+
     def forget(self, fd: int) -> None:
         """Before closing `fd`: closing removes it from the epoll set, this from our table."""
         self.handlers.pop(fd, None)

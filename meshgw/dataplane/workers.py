@@ -27,7 +27,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshgw import logs
-from meshgw.dataplane.listener import DataPlaneConfig, Listener
+from meshgw.dataplane.context import DataPlaneConfig
+from meshgw.dataplane.listener import Listener
 from meshgw.metrics import Metrics
 from meshgw.routing import RouteTable
 
