@@ -24,8 +24,9 @@ from meshgw.control.registrar import GatewayRegistration, Registrar
 from meshgw.dataplane.budget import DescriptorBudget
 from meshgw.dataplane.context import DataPlaneConfig
 from meshgw.dataplane.listener import Listener
-from meshgw.dataplane.workers import WorkerPool, merge_metrics
-from meshgw.metrics import Metrics
+from meshgw.dataplane.service import DataPlaneService
+from meshgw.dataplane.workers import WorkerPool
+from meshgw.metrics import Metrics, merge_metrics
 from meshgw.routing import RouteKind, RouteTable
 from meshgw.settings import Settings, SettingsError
 from meshgw.topology import Source, Topology, TopologyPart, merge
@@ -174,7 +175,7 @@ class Gateway:
         # Until the local datacenter is known (from --dc or the Consul agent) nothing routes.
         self.topology: Topology | None = None
         self.table = RouteTable.empty()
-        self.listener: Listener | WorkerPool | None = None
+        self.listener: DataPlaneService | None = None
         self.admin: AdminServer | None = None
         self.budget = DescriptorBudget(0, 0)  # per process; settled at start
         self.control = ControlPlane(settings, self.update_part, self.metrics)
@@ -281,7 +282,7 @@ class Gateway:
             },
         )
 
-    async def _start_dataplane(self) -> Listener | WorkerPool:
+    async def _start_dataplane(self) -> DataPlaneService:
         settings = self.settings
         config = dataplane_config(settings, self.budget)
         host, port = settings.listen.host, settings.listen.port
@@ -379,9 +380,8 @@ class Gateway:
 
     async def metrics_text(self) -> bytes:
         own = generate_latest(self.metrics.registry)
-        if isinstance(self.listener, WorkerPool):
-            return merge_metrics([own, *await self.listener.metrics()])
-        return own
+        others = await self.listener.extra_metrics() if self.listener is not None else []
+        return merge_metrics([own, *others]) if others else own
 
     def table_json(self) -> dict[str, Any]:
         return self.table.to_json()

@@ -49,9 +49,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
-def configure(log_format: str = "text", level: str = "info") -> None:
+class _WorkerField(logging.Filter):
+    """Adds `worker=N` to every record of a worker process: which one served a connection."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {**(getattr(record, "fields", None) or {}), "worker": self.index}
+        return True
+
+
+def configure(log_format: str = "text", level: str = "info", worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

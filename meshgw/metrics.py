@@ -19,6 +19,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -298,3 +299,35 @@ class Metrics:
             "Worker processes that died and were started again.",
             registry=registry,
         )
+
+
+def merge_metrics(texts: Iterable[bytes], per_process_prefix: str = "process_") -> bytes:
+    """Sum the samples of several registries; per-process families get a `worker` label."""
+    Key = tuple[str, tuple[tuple[str, str], ...]]
+    families: dict[str, tuple[str, str, dict[Key, float]]] = {}
+    for index, text in enumerate(texts):
+        for family in text_string_to_metric_families(text.decode()):
+            _, _, values = families.setdefault(family.name, (family.type, family.documentation, {}))
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                if family.name.startswith(per_process_prefix):
+                    labels["worker"] = str(index)
+                key = (sample.name, tuple(sorted(labels.items())))
+                if sample.name.endswith("_created"):  # the earliest creation time
+                    values[key] = min(values.get(key, sample.value), sample.value)
+                else:
+                    values[key] = values.get(key, 0.0) + sample.value
+    lines: list[str] = []
+    for name, (kind, documentation, values) in families.items():
+        lines.append(f"# HELP {name} {documentation}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (sample_name, label_items), value in values.items():
+            rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in label_items)
+            lines.append(
+                f"{sample_name}{{{rendered}}} {value!r}" if rendered else f"{sample_name} {value!r}"
+            )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

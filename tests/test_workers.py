@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshgw.dataplane.workers import merge_metrics
+from meshgw.metrics import merge_metrics
 from tests.conftest import WAIT, connect, eventually, recv_all
 from tests.hellos import python_hello
 
@@ -46,7 +46,7 @@ def two_workers(gateway_process, backend_factory):
     server = backend_factory(reply)
     return gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
-        "--expose-servers", "--server", f"n={server.address}", "--no-access-log",
+        "--expose-servers", "--server", f"n={server.address}",
     ).wait_listening()  # fmt: skip
 
 
@@ -89,6 +89,13 @@ def still_running_workers(pids: set[int]) -> set[int]:
 def test_two_workers_share_the_port_and_the_routes(two_workers) -> None:
     gw = two_workers
     route_some(gw.port)
+    # Both workers took connections: the kernel spreads them over the port's sockets.
+    served = set()
+    for _ in range(40):
+        line = gw.wait_for(r"meshgw.access connection .*worker=(\d)")
+        served.add(line.group(1))
+        gw.lines.remove(line.string)
+    assert served == {"1", "2"}
     text = metrics_text(gw.admin_port)
     assert (
         'meshgw_connections_total{datacenter="dc1",outcome="closed",route_kind="local_server"} 40.0'

@@ -101,6 +101,9 @@ class Listener:
     async def open_connections(self) -> int:
         return len(self.dp.connections)
 
+    async def extra_metrics(self) -> list[bytes]:
+        return []  # this process's counters are in the registry it was given
+
     def set_table(self, table: RouteTable) -> None:
         """New connections use the new table; connections in flight keep their upstream."""
         self.dp.table = table
