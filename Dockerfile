@@ -1,8 +1,8 @@
 # meshgw as a container: `docker build -t meshgw .`, then for example
 #   docker run --rm -p 8443:8443 -e MESHGW_DC=dc1 -e MESHGW_EXPOSE_SERVERS=1 \
-#     -e MESHGW_SERVERS="consul-server-0=10.0.1.10:8300" -e MESHGW_GATEWAYS="dc2=203.0.113.5:443" meshgw
+#     -e MESHGW_SERVER="consul-server-0=10.0.1.10:8300" -e MESHGW_GATEWAY="dc2=203.0.113.5:443" meshgw
 # Every setting is a MESHGW_<SETTING> variable (MESHGW_ + the settings field name, upper-cased:
-# MESHGW_DC, MESHGW_SERVERS, MESHGW_GATEWAYS, MESHGW_DRAIN_TIMEOUT, ...), or a flag after the
+# MESHGW_DC, MESHGW_SERVER, MESHGW_GATEWAY, MESHGW_DRAIN_TIMEOUT, ...), or a flag after the
 # image name (`docker run meshgw --dc dc1 ...`), or a TOML file given with --config.
 FROM python:3.11-slim
 

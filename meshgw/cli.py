@@ -5,6 +5,7 @@ Errors a user can meet end as one line on stderr and exit status 2, never a trac
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any
 import click
 
 from meshgw import __version__
-from meshgw.settings import Settings, SettingsError, environ_settings
+from meshgw.settings import Settings, SettingsError, process_environment, specs
 
 EXIT_USAGE = 2
 
@@ -25,90 +26,45 @@ def fail(message: str, status: int = EXIT_USAGE) -> None:
     sys.exit(status)
 
 
-def _help(name: str) -> str:
-    return Settings.help_for(name)
+def _option(spec: Any) -> Callable[[Any], Any]:
+    """The flag of one setting, from its declaration in settings.py: name, help, default,
+    choices. It defaults to None so that only what was given overrides file and environment."""
+    name, meta = spec.name, spec.metadata
+    flag = "--" + name.replace("_", "-")
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    choices = getattr(meta["parse"], "choices", None)
+    help_text = meta["help"]
+    if choices:
+        help_text += f" One of {', '.join(choices)}."
+    if isinstance(default, list | dict):
+        help_text += " Repeatable."
+    if meta["show"]:
+        help_text += f" [default: {meta['show']}]"
+    if isinstance(default, bool):
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    metavar = meta["metavar"] or ("|".join(choices) if choices else None)
+    return click.option(
+        flag, name, multiple=isinstance(default, list | dict), metavar=metavar, help=help_text
+    )
 
 
-# Every option defaults to None so that only what was given overrides the file and environment.
-SETTINGS_OPTIONS: list[Callable[[Any], Any]] = [
-    click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file."),
-    click.option("--dc", help=_help("dc")),
-    click.option("--domain", help=_help("domain")),
-    click.option("--trust-domain", help=_help("trust_domain")),
-    click.option("--primary-dc", help=_help("primary_dc")),
-    click.option("--listen", metavar="HOST:PORT", help="Address to accept on [0.0.0.0:8443]."),
-    click.option(
-        "--expose-servers/--no-expose-servers", default=None, help=_help("expose_servers")
-    ),
-    click.option(
-        "--server", "servers", multiple=True, metavar="NODE=HOST:PORT", help=_help("servers")
-    ),
-    click.option(
-        "--gateway", "gateways", multiple=True, metavar="DC[/AP]=HOST:PORT", help=_help("gateways")
-    ),
-    click.option(
-        "--service",
-        "service_args",
-        multiple=True,
-        metavar="NAME=HOST:PORT | NAME",
-        help="Local mesh service instance NAME=HOST:PORT (repeatable); a bare NAME sets the "
-        "service name to register (as --service-name).",
-    ),
-    click.option("--service-name", help=_help("service_name") + " [mesh-gateway]"),
-    click.option("--admin", metavar="HOST:PORT", help="Admin/metrics address [127.0.0.1:19100]."),
-    click.option(
-        "--admin-allowed-host",
-        multiple=True,
-        metavar="NAME",
-        help=_help("admin_allowed_host") + " (repeatable).",
-    ),
-    click.option("--hello-timeout", metavar="SECONDS", help=_help("hello_timeout") + " [10]"),
-    click.option("--connect-timeout", metavar="SECONDS", help=_help("connect_timeout") + " [5]"),
-    click.option("--idle-timeout", metavar="SECONDS", help=_help("idle_timeout")),
-    click.option("--drain-timeout", metavar="SECONDS", help=_help("drain_timeout") + " [30]"),
-    click.option("--max-hello-bytes", metavar="N", help=_help("max_hello_bytes") + " [65536]"),
-    click.option("--max-connections", metavar="N|auto", help=_help("max_connections") + " [auto]"),
-    click.option("--pump", help="auto | splice | userspace [auto]."),
-    click.option("--workers", metavar="N|auto", help=_help("workers") + " [auto]"),
-    click.option("--access-log/--no-access-log", default=None, help=_help("access_log")),
-    click.option("--log-format", help="text | json [text]."),
-    click.option("--log-level", help="debug | info | warning | error [info]."),
-    click.option("--consul", metavar="URL", help=_help("consul")),
-    click.option("--token-file", type=click.Path(dir_okay=False), help=_help("token_file")),
-    click.option("--register/--no-register", default=None, help=_help("register")),
-    click.option("--proxy-id", help=_help("proxy_id")),
-    click.option("--address", metavar="HOST[:PORT]", help=_help("address")),
-    click.option("--wan-address", metavar="HOST[:PORT]", help=_help("wan_address")),
-    click.option("--deregister-after-critical", help=_help("deregister_after_critical")),
-    click.option(
-        "--primary-gateway",
-        "primary_gateways",
-        multiple=True,
-        metavar="HOST:PORT",
-        help=_help("primary_gateways"),
-    ),
-    click.option("--primary-gateways-interval", metavar="SECONDS", help="[30]"),
-]
+CONFIG_OPTION = click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    help="TOML settings file; keys are the flag names (also MESHGW_CONFIG).",
+)
 
 
 def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(SETTINGS_OPTIONS):
-        command = option(command)
-    return command
+    for spec in reversed(specs()):
+        command = _option(spec)(command)
+    return CONFIG_OPTION(command)
 
 
 def load_settings(flags: dict[str, Any]) -> Settings:
     flags = dict(flags)
     config = flags.pop("config", None)
-    instances: list[str] = []
-    names: list[str] = []
-    for value in flags.pop("service_args", ()) or ():
-        (instances if "=" in value else names).append(value)
-    if instances:
-        flags["services"] = instances
-    if names and not flags.get("service_name"):
-        flags["service_name"] = names[-1]
-    return Settings.load(flags, config=config, environ=environ_settings())
+    return Settings.load(flags, config=config, environ=process_environment())
 
 
 def with_settings(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -126,12 +82,7 @@ def with_settings(command: Callable[..., Any]) -> Callable[..., Any]:
     return settings_options(wrapper)
 
 
-def _settings_keys() -> frozenset[str]:
-    probe = settings_options(lambda: None)
-    return frozenset(param.name for param in probe.__click_params__)  # type: ignore[attr-defined]
-
-
-_SETTINGS_KEYS = _settings_keys()
+_SETTINGS_KEYS = frozenset({"config", *(spec.name for spec in specs())})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -159,6 +110,8 @@ def run(settings: Settings, flags: dict[str, Any]) -> None:
         status = app.run(settings, reload)
     except SettingsError as error:
         fail(str(error))
+    except app.StartupError as error:
+        fail(str(error), status=1)
     sys.exit(status)
 
 

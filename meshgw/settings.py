@@ -1,12 +1,19 @@
-"""One typed Settings value, and the one place where defaults live.
+"""One typed Settings value, and the one place where settings are declared.
 
-Layers, lowest first: defaults < TOML file (`--config`) < `MESHGW_*` environment < command-line
-flags. Every value is parsed by the same function whatever layer it comes from, and every error
-names the setting where it was given (flag, variable or file key) and how to fix it.
+Every setting has one name: the field `hello_timeout` is the TOML key `hello_timeout` (or
+`hello-timeout`), the variable MESHGW_HELLO_TIMEOUT and the flag --hello-timeout; repeatable
+settings are singular (--server, `server`, MESHGW_SERVER). Each field carries its parser,
+help, default and whether a reload can change it; the command line is generated from them
+(cli.py), so defaults and choices are written here only.
+
+Layers, lowest first: defaults < TOML file (`--config`, MESHGW_CONFIG) < MESHGW_* environment
+< flags. Every value is parsed by the same function whatever layer it comes from, and every
+error names the setting where it was given (flag, variable or file key) and how to fix it.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -16,7 +23,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from meshgw.addresses import Address, is_ip, parse_address
 from meshgw.cpus import available_cpus
+from meshgw.durations import go_duration, parse_duration
 from meshgw.topology import (
     DEFAULT_PARTITION,
     Endpoint,
@@ -29,111 +38,85 @@ from meshgw.wire.clienthello import DEFAULT_MAX_HELLO_BYTES
 from meshgw.wire.names import is_valid_datacenter, is_valid_node_name, normalize_host_name
 
 ENV_PREFIX = "MESHGW_"
+# Variables under this prefix belong to meshgw's own plumbing (worker processes, the bench),
+# not to settings.
+ENV_INTERNAL_PREFIX = "MESHGW_X_"
+CONFIG_ENV = "MESHGW_CONFIG"
+CONSUL_ADDR_ENV = "CONSUL_HTTP_ADDR"
+DEFAULT_GATEWAY_PORT = 8443  # Consul's default for a mesh gateway (`consul connect envoy`)
+# A ClientHello with post-quantum key shares takes about 1.8 KB; a cap below this refuses
+# real clients. Above the maximum, a hello is an attack, not a client.
+MIN_HELLO_BYTES = 2048
+MAX_HELLO_BYTES = 1 << 20
+MAX_TIMEOUT = 3600.0
+MAX_WORKERS = 1024
+# Consul's trust domain is always <cluster-id>.consul, the cluster ID a UUID.
+_TRUST_DOMAIN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.consul")
 
 
 class SettingsError(ValueError):
     """A setting a user gave is wrong; the message names it and says how to fix it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
 # --- value parsers: each takes the raw value (str from flags/env, or a TOML value) -------------
 
 
-def parse_address(
-    value: Any, *, default_port: int | None = None, any_port: bool = False
-) -> Address:
-    text = str(value).strip()
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text)
-    if not match:
-        raise ValueError(f"{text!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
-    host = match.group(1) or match.group(3)
-    port_text = match.group(2) or match.group(4)
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"{text!r} has no port: write HOST:PORT")
-        port = default_port
-    else:
-        port = int(port_text)
-    if not (0 if any_port else 1) <= port < 65536:
-        raise ValueError(f"port {port} in {text!r} is out of range 1-65535")
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        name = normalize_host_name(host)
-        if name is None:
-            raise ValueError(
-                f"{host!r} in {text!r} is neither an IP address nor a host name"
-            ) from None
-        host = name
-    return Address(host, port)
-
-
 def parse_listen(value: Any) -> Address:
-    """An address to bind; port 0 asks the kernel for any free port."""
-    address = parse_address(value, any_port=True)
-    try:
-        ipaddress.ip_address(address.host)
-    except ValueError:
-        if address.host != "localhost":
-            raise ValueError(f"listen on an IP address, not {address.host!r}") from None
+    """An address to bind: an IP literal (or localhost); port 0 asks the kernel for one."""
+    address = parse_address(str(value), any_port=True)
+    if not is_ip(address.host) and address.host != "localhost":
+        raise ValueError(f"listen on an IP address, not {address.host!r}")
     return address
 
 
-def parse_seconds(value: Any) -> float:
-    """Seconds as a number, or a duration like 500ms, 10s, 5m, 1h."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
-    if isinstance(value, int | float):
-        seconds = float(value)
+def parse_gateway_address(value: Any) -> Address:
+    """An address to advertise; without a port, Consul's gateway port 8443."""
+    return parse_address(str(value), default_port=DEFAULT_GATEWAY_PORT)
+
+
+def duration_in(low: float, high: float, *, above_low: bool = False) -> Callable[[Any], float]:
+    """A duration from `low` (excluded with `above_low`) to `high` seconds."""
+    if above_low:
+        bounds = f"more than {go_duration(low) if low else 0} and at most {go_duration(high)}"
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a duration: write 10, 10s, 500ms, 5m or 1h")
-        unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
-        seconds = float(match.group(1)) * unit
-    if seconds < 0:
-        raise ValueError(f"{value!r} is negative")
-    return seconds
+        bounds = f"from {go_duration(low) if low else 0} to {go_duration(high)}"
+
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value if isinstance(value, int | float) else str(value))
+        if seconds > high or seconds < low or (above_low and seconds == low):
+            raise ValueError(f"{value!r} is out of range: give {bounds}")
+        return seconds
+
+    return parse
 
 
 def parse_optional_seconds(value: Any) -> float | None:
-    """Like parse_seconds, where 0, "off" or "none" mean no timeout at all."""
+    """A duration, or off ("off", "none", 0): no timeout at all."""
     if str(value).strip().lower() in {"", "0", "off", "none"}:
         return None
-    return parse_seconds(value) or None
+    return _TIMEOUT(value)
 
 
-def parse_positive_int(value: Any) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"{value!r} is not a whole number") from None
-    if number <= 0:
-        raise ValueError(f"{number} must be at least 1")
-    return number
+def int_between(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise ValueError(f"{number} is out of range {low}-{high}")
+        return number
+
+    return parse
 
 
-def parse_max_connections(value: Any) -> int | None:
-    """A number, or "auto" (None): as many as the open-file limit allows."""
-    if str(value).strip().lower() == "auto":
-        return None
-    return parse_positive_int(value)
+def auto_or(parse: Callable[[Any], int]) -> Callable[[Any], int | None]:
+    """ "auto" (None: decided at start) or a number."""
 
+    def parse_or_auto(value: Any) -> int | None:
+        return None if str(value).strip().lower() == "auto" else parse(value)
 
-def parse_workers(value: Any) -> int:
-    """A number of processes, or "auto" (0): one per CPU this process may use (affinity and
-    container CPU quota)."""
-    if str(value).strip().lower() in {"auto", "0"}:
-        return 0
-    return parse_positive_int(value)
+    return parse_or_auto
 
 
 def parse_bool(value: Any) -> bool:
@@ -148,10 +131,11 @@ def parse_bool(value: Any) -> bool:
 
 
 def parse_datacenter(value: Any) -> str:
-    name = str(value).strip().lower()
+    name = str(value).strip()
     if not is_valid_datacenter(name):
         raise ValueError(
-            f"{value!r} is not a datacenter name: use one DNS label (letters, digits, '-'), no dots"
+            f"{value!r} is not a Consul datacenter name: lower-case letters, digits, '-' and "
+            "'_' only (no dots)"
         )
     return name
 
@@ -163,6 +147,16 @@ def parse_domain(value: Any) -> str:
     return name
 
 
+def parse_trust_domain(value: Any) -> str:
+    text = str(value).strip().rstrip(".").lower()
+    if not _TRUST_DOMAIN.fullmatch(text):
+        raise ValueError(
+            f"{value!r} is not a Consul trust domain: it is <cluster-id>.consul, as "
+            "`curl $CONSUL_HTTP_ADDR/v1/connect/ca/roots` shows in TrustDomain"
+        )
+    return text
+
+
 def choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
@@ -170,23 +164,26 @@ def choice(*allowed: str) -> Callable[[Any], str]:
             raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
         return text
 
+    parse.choices = allowed  # type: ignore[attr-defined]
     return parse
 
 
-def _pairs(value: Any) -> list[tuple[str, str]]:
-    """NAME=HOST:PORT items from a flag list, a comma-separated env value or a TOML table."""
-    if isinstance(value, Mapping):
-        items: list[tuple[str, str]] = []
-        for key, item in value.items():
-            for one in item if isinstance(item, list) else [item]:
-                items.append((str(key), str(one)))
-        return items
+def _items(value: Any) -> list[str]:
+    """A list from a repeated flag, a comma-separated variable or a TOML array."""
     raw = value if isinstance(value, list | tuple) else str(value).split(",")
+    return [str(item).strip() for item in raw if str(item).strip()]
+
+
+def _pairs(value: Any) -> list[tuple[str, str]]:
+    """NAME=HOST:PORT items from a flag list, a comma-separated variable or a TOML table."""
+    if isinstance(value, Mapping):
+        return [
+            (str(key), str(one))
+            for key, item in value.items()
+            for one in (item if isinstance(item, list) else [item])
+        ]
     pairs = []
-    for item in raw:
-        text = str(item).strip()
-        if not text:
-            continue
+    for text in _items(value):
         name, sep, address = text.partition("=")
         if not sep or not name.strip() or not address.strip():
             raise ValueError(f"{text!r} is not NAME=HOST:PORT")
@@ -229,13 +226,13 @@ def parse_services(value: Any) -> dict[str, list[Address]]:
     return services
 
 
+def parse_addresses(value: Any) -> list[Address]:
+    return [parse_address(item) for item in _items(value)]
+
+
 def parse_host_names(value: Any) -> list[str]:
-    raw = value if isinstance(value, list | tuple) else str(value).split(",")
     names = []
-    for item in raw:
-        text = str(item).strip()
-        if not text:
-            continue
+    for text in _items(value):
         name = normalize_host_name(text)
         if name is None:
             raise ValueError(f"{text!r} is not a DNS host name")
@@ -243,73 +240,240 @@ def parse_host_names(value: Any) -> list[str]:
     return names
 
 
-def parse_address_list(value: Any) -> list[Address]:
-    raw = value if isinstance(value, list | tuple) else str(value).split(",")
-    return [parse_address(item) for item in raw if str(item).strip()]
+def parse_networks(value: Any) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for text in _items(value):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an address range such as 10.0.0.0/8") from None
+    return networks
+
+
+def parse_name(value: Any) -> str:
+    """A Consul service name or ID: no spaces, no slashes (they end up in URL paths)."""
+    text = str(value).strip()
+    if not text or any(c.isspace() or c == "/" for c in text):
+        raise ValueError(f"{value!r} is not a service name or ID: no spaces or '/'")
+    return text
+
+
+def parse_path(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("an empty path")
+    return text
 
 
 # --- the settings ------------------------------------------------------------------------------
 
 
-def _opt(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
-    metadata = {"parse": parse, "help": help}
+def setting(
+    default: Any,
+    parse: Callable[[Any], Any],
+    help: str,
+    *,
+    metavar: str | None = None,
+    restart: bool = False,
+    show: str | None = None,
+) -> Any:
+    """Declare one setting. `restart`: read once at start, so a reload cannot change it.
+    `show`: how the default reads in --help, when str(default) would not say it well."""
+    metadata = {"parse": parse, "help": help, "metavar": metavar, "restart": restart}
+    metadata["show"] = show if show is not None else _shown(default)
     if isinstance(default, dict | list):
-        return field(default_factory=lambda: type(default)(), metadata=metadata)
+        return field(default_factory=type(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _shown(default: Any) -> str | None:
+    if default is None or default == [] or default == {}:
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, float):
+        return go_duration(default)
+    return str(default)
+
+
+_TIMEOUT = duration_in(0, MAX_TIMEOUT, above_low=True)
+_DELAY = duration_in(0, MAX_TIMEOUT)
 
 
 @dataclass(frozen=True)
 class Settings:
     # identity
-    dc: str | None = _opt(None, parse_datacenter, "local datacenter (default: the agent's)")
-    domain: str = _opt("consul", parse_domain, "Consul DNS domain")
-    trust_domain: str | None = _opt(None, parse_domain, "mesh trust domain, <cluster-id>.consul")
-    primary_dc: str | None = _opt(None, parse_datacenter, "primary datacenter")
-    # data plane
-    listen: Address = _opt(Address("0.0.0.0", 8443), parse_listen, "address to accept TLS on")
-    expose_servers: bool = _opt(False, parse_bool, "route Consul server names (WAN federation)")
-    servers: dict[str, Address] = _opt({}, parse_servers, "local servers, NODE=HOST:PORT")
-    gateways: dict[str, list[Address]] = _opt(
-        {}, parse_gateways, "remote gateways, DC[/PARTITION]=HOST:PORT"
+    dc: str | None = setting(
+        None, parse_datacenter, "Local datacenter.", metavar="DC", show="the agent's"
     )
-    services: dict[str, list[Address]] = _opt({}, parse_services, "local services, NAME=HOST:PORT")
-    hello_timeout: float = _opt(10.0, parse_seconds, "seconds to receive the ClientHello")
-    connect_timeout: float = _opt(5.0, parse_seconds, "seconds to connect to an upstream")
-    idle_timeout: float | None = _opt(None, parse_optional_seconds, "idle seconds (off)")
-    drain_timeout: float = _opt(30.0, parse_seconds, "seconds to drain on SIGTERM")
-    max_hello_bytes: int = _opt(DEFAULT_MAX_HELLO_BYTES, parse_positive_int, "ClientHello cap")
-    max_connections: int | None = _opt(
+    domain: str = setting("consul", parse_domain, "Consul's DNS domain.", metavar="DOMAIN")
+    trust_domain: str | None = setting(
         None,
-        parse_max_connections,
-        "open connections per process (auto: what the open-file limit allows)",
+        parse_trust_domain,
+        "Mesh trust domain, <cluster-id>.consul.",
+        metavar="TD",
+        show="Consul's CA roots",
     )
-    pump: str = _opt("auto", choice("auto", "splice", "userspace"), "how bytes are moved")
-    workers: int = _opt(0, parse_workers, "worker processes on the port (auto: one per usable CPU)")
+    primary_dc: str | None = setting(
+        None, parse_datacenter, "Primary datacenter.", metavar="DC", restart=True
+    )
+    # data plane
+    listen: Address = setting(
+        Address("0.0.0.0", DEFAULT_GATEWAY_PORT),
+        parse_listen,
+        "Address to accept TLS on.",
+        metavar="HOST:PORT",
+        restart=True,
+    )
+    expose_servers: bool = setting(False, parse_bool, "Route Consul server names (WAN federation).")
+    server: dict[str, Address] = setting(
+        {}, parse_servers, "A local Consul server.", metavar="NODE=HOST:PORT"
+    )
+    gateway: dict[str, list[Address]] = setting(
+        {}, parse_gateways, "A remote datacenter's mesh gateway.", metavar="DC[/AP]=HOST:PORT"
+    )
+    service: dict[str, list[Address]] = setting(
+        {}, parse_services, "A local mesh service instance.", metavar="NAME=HOST:PORT"
+    )
+    hello_timeout: float = setting(
+        10.0, _TIMEOUT, "Time to receive the whole ClientHello.", metavar="DURATION", restart=True
+    )
+    connect_timeout: float = setting(
+        5.0, _TIMEOUT, "Time to connect to one upstream.", metavar="DURATION", restart=True
+    )
+    idle_timeout: float | None = setting(
+        None,
+        parse_optional_seconds,
+        "Close connections idle this long.",
+        metavar="DURATION",
+        restart=True,
+        show="off",
+    )
+    drain_delay: float = setting(
+        5.0,
+        _DELAY,
+        "SIGTERM: keep accepting this long after deregistering, so that sidecars learn of it.",
+        metavar="DURATION",
+    )
+    drain_timeout: float = setting(
+        30.0,
+        _DELAY,
+        "SIGTERM: then let open connections finish this long.",
+        metavar="DURATION",
+    )
+    max_hello_bytes: int = setting(
+        DEFAULT_MAX_HELLO_BYTES,
+        int_between(MIN_HELLO_BYTES, MAX_HELLO_BYTES),
+        "Largest ClientHello accepted.",
+        metavar="BYTES",
+        restart=True,
+    )
+    max_connections: int | None = setting(
+        None,
+        auto_or(int_between(1, 1 << 24)),
+        "Open connections per process; auto: what the open-file limit allows.",
+        metavar="N|auto",
+        restart=True,
+        show="auto",
+    )
+    pump: str = setting(
+        "auto",
+        choice("auto", "splice", "userspace"),
+        "How bytes move: splice (kernel zero-copy), userspace, or auto.",
+        restart=True,
+    )
+    workers: int | None = setting(
+        None,
+        auto_or(int_between(1, MAX_WORKERS)),
+        "Processes on the port; auto: one per CPU this process may use.",
+        metavar="N|auto",
+        restart=True,
+        show="auto",
+    )
     # faces
-    admin: Address = _opt(Address("127.0.0.1", 19100), parse_listen, "admin/metrics address")
-    admin_allowed_host: list[str] = _opt(
+    admin: Address = setting(
+        Address("127.0.0.1", 19100),
+        parse_listen,
+        "Address of /metrics, /healthz, /ready, /v1/routes, /v1/topology.",
+        metavar="HOST:PORT",
+        restart=True,
+    )
+    admin_allowed_host: list[str] = setting(
         [],
         parse_host_names,
-        "a host name the admin port answers to, besides IP addresses and localhost",
+        "A host name the admin port answers to, besides IP addresses and localhost.",
+        metavar="NAME",
+        restart=True,
     )
-    access_log: bool = _opt(True, parse_bool, "one log line per connection")
-    log_format: str = _opt("text", choice("text", "json"), "log format")
-    log_level: str = _opt("info", choice("debug", "info", "warning", "error"), "log level")
+    access_log: bool = setting(True, parse_bool, "One log line per connection.", restart=True)
+    log_format: str = setting("text", choice("text", "json"), "Log format.", restart=True)
+    log_level: str = setting(
+        "info", choice("debug", "info", "warning", "error"), "Log level.", restart=True
+    )
     # control plane
-    consul: str | None = _opt(None, str, "Consul agent HTTP address (CONSUL_HTTP_ADDR)")
-    token_file: str | None = _opt(None, str, "file holding the ACL token")
-    register: bool = _opt(False, parse_bool, "register this gateway in Consul")
-    service_name: str = _opt("mesh-gateway", str, "service name to register")
-    proxy_id: str | None = _opt(None, str, "service ID to register (default: the name)")
-    address: Address | None = _opt(
-        None, lambda v: parse_address(v, default_port=8443), "LAN address to advertise"
+    consul: str | None = setting(
+        None,
+        str,
+        "Consul agent HTTP address; CONSUL_HTTP_ADDR alone turns discovery on too.",
+        metavar="URL",
+        restart=True,
     )
-    wan_address: Address | None = _opt(
-        None, lambda v: parse_address(v, default_port=8443), "WAN address to advertise"
+    token_file: str | None = setting(
+        None,
+        parse_path,
+        "File holding the ACL token (else CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE).",
+        metavar="PATH",
+        restart=True,
     )
-    deregister_after_critical: str = _opt("6h", str, "DeregisterCriticalServiceAfter")
-    primary_gateways: list[Address] = _opt([], parse_address_list, "primary DC gateways")
-    primary_gateways_interval: float = _opt(30.0, parse_seconds, "re-resolve interval")
+    ca_file: str | None = setting(
+        None,
+        parse_path,
+        "CA of the agent's HTTPS certificate (else CONSUL_CACERT).",
+        metavar="PATH",
+        restart=True,
+    )
+    register: bool = setting(False, parse_bool, "Register this gateway in Consul.", restart=True)
+    service_name: str = setting(
+        "mesh-gateway", parse_name, "Service name to register.", metavar="NAME"
+    )
+    proxy_id: str | None = setting(
+        None, parse_name, "Service ID to register.", metavar="ID", show="the service name"
+    )
+    address: Address | None = setting(
+        None,
+        parse_gateway_address,
+        "LAN address to advertise.",
+        metavar="HOST[:PORT]",
+        show="what --listen binds",
+    )
+    wan_address: Address | None = setting(
+        None,
+        parse_gateway_address,
+        "WAN address other datacenters dial.",
+        metavar="HOST[:PORT]",
+    )
+    deregister_after_critical: float = setting(
+        6 * 3600.0,
+        duration_in(60, 10**7),  # Consul's minimum is a minute
+        "Consul removes the registration after its check fails this long.",
+        metavar="DURATION",
+    )
+    primary_gateway: list[Address] = setting(
+        [],
+        parse_addresses,
+        "A gateway of the primary datacenter, to bootstrap by.",
+        metavar="HOST:PORT",
+        restart=True,
+    )
+    primary_gateways_interval: float = setting(
+        30.0,
+        duration_in(1, MAX_TIMEOUT),  # Consul's minimum too
+        "Re-resolve primary gateway names this often.",
+        metavar="DURATION",
+        restart=True,
+    )
+
+    # --- loading ------------------------------------------------------------------------------
 
     @classmethod
     def load(
@@ -319,55 +483,73 @@ class Settings:
         config: str | Path | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> Settings:
-        """Merge the layers; raises SettingsError naming the bad setting and the fix."""
-        known = {f.name: f for f in fields(cls)}
+        """Merge the layers; raises SettingsError naming the bad setting and the fix.
+
+        `environ` is the whole environment (default: none at all); MESHGW_* variables are
+        settings, and CONSUL_HTTP_ADDR turns Consul discovery on as it does for Consul's tools.
+        """
+        env = environ or {}
         values: dict[str, Any] = {}
-
-        if config is not None:
-            path = Path(config)
-            try:
-                document = tomllib.loads(path.read_text())
-            except OSError as exc:
-                raise SettingsError(f"--config {path}: cannot read it ({exc.strerror})") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise SettingsError(f"--config {path}: not valid TOML ({exc})") from None
-            for key, raw in document.items():
-                name = key.replace("-", "_")
-                if name not in known:
-                    raise SettingsError(
-                        f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
-                    )
-                values[name] = _parse(known[name], raw, f"{path}: {key}")
-
-        for name, spec in known.items():
-            env_name = ENV_PREFIX + name.upper()
-            if environ and env_name in environ:
-                values[name] = _parse(spec, environ[env_name], env_name)
-
+        config = config if config is not None else env.get(CONFIG_ENV)
+        if config:
+            values.update(_from_file(Path(config)))
+        values.update(_from_environment(env))
         for name, raw in (flags or {}).items():
             if raw is None or raw == () or raw == []:
                 continue
-            if name not in known:
-                raise SettingsError(f"unknown setting {name!r}")
-            values[name] = _parse(known[name], raw, "--" + name.replace("_", "-"))
-
+            spec = _SPECS.get(name)
+            if spec is None:
+                raise SettingsError(f"unknown setting {name!r}{_closest(name)}")
+            values[name] = _parse(spec, raw, _flag(name))
+        if "consul" not in values and env.get(CONSUL_ADDR_ENV):
+            values["consul"] = env[CONSUL_ADDR_ENV]
         settings = cls(**values)
         settings.check()
         return settings
 
     def check(self) -> None:
         """Rules that span several settings."""
-        if self.dc is None and self.consul is None and self.register is False:
-            raise SettingsError("--dc is required when meshgw does not ask a Consul agent")
-        if self.dc is not None and self.dc in self.gateways:
+        if self.dc is None and self.consul is None and not self.register:
+            raise SettingsError(
+                "--dc is required when meshgw does not ask a Consul agent "
+                f"(--consul, or {CONSUL_ADDR_ENV})"
+            )
+        if self.dc is not None and self.dc in self.gateway:
             raise SettingsError(
                 f"--gateway {self.dc}=...: {self.dc} is the local datacenter; give gateways of "
                 "other datacenters only"
             )
-        if self.primary_gateways and self.primary_dc is None:
+        if self.primary_gateway and self.primary_dc is None:
             raise SettingsError(
                 "--primary-gateway needs --primary-dc naming the primary datacenter"
             )
+
+    def warnings(self) -> list[str]:
+        """Settings that load but leave something unroutable: said at start and in /ready."""
+        found = []
+        if self.server and not self.expose_servers:
+            found.append(
+                "--server is given but --expose-servers is off: server names are not routed"
+            )
+        if self.service and self.trust_domain is None and self.consul is None:
+            found.append(
+                "--service is given without --trust-domain (or Consul to learn it): "
+                "mesh service names are not routed"
+            )
+        if self.register and self.expose_servers and self.wan_address is None:
+            found.append(
+                "--expose-servers is registered without --wan-address: other datacenters "
+                "will dial this gateway at its LAN address"
+            )
+        return found
+
+    def needing_restart(self, new: Settings) -> list[str]:
+        """The settings `new` changes that only a restart applies."""
+        return [
+            f.name
+            for f in fields(self)
+            if f.metadata["restart"] and getattr(self, f.name) != getattr(new, f.name)
+        ]
 
     @property
     def worker_count(self) -> int:
@@ -385,21 +567,33 @@ class Settings:
             domain=self.domain,
             trust_domain=self.trust_domain,
             primary_datacenter=self.primary_dc,
-            servers={node: endpoint(a) for node, a in self.servers.items()},
+            servers={node: endpoint(a) for node, a in self.server.items()},
             gateways={
                 GatewayKey(*key.split("/")): tuple(endpoint(a) for a in addresses)
-                for key, addresses in self.gateways.items()
+                for key, addresses in self.gateway.items()
             },
             services={
                 ServiceKey(name): tuple(endpoint(a) for a in addresses)
-                for name, addresses in self.services.items()
+                for name, addresses in self.service.items()
             },
         )
 
-    @staticmethod
-    def help_for(name: str) -> str:
-        spec = {f.name: f for f in fields(Settings)}[name]
-        return str(spec.metadata["help"])
+
+_SPECS = {f.name: f for f in fields(Settings)}
+
+
+def specs() -> list[Any]:
+    """Every setting's field, in declaration order (the CLI is built from them)."""
+    return list(_SPECS.values())
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _closest(name: str) -> str:
+    match = difflib.get_close_matches(name, list(_SPECS), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def _parse(spec: Any, raw: Any, where: str) -> Any:
@@ -409,5 +603,38 @@ def _parse(spec: Any, raw: Any, where: str) -> Any:
         raise SettingsError(f"{where}: {exc}") from None
 
 
-def environ_settings() -> Mapping[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise SettingsError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"--config {path}: not valid TOML ({exc})") from None
+    values = {}
+    for key, raw in document.items():
+        name = key.replace("-", "_")
+        if name not in _SPECS:
+            hint = _closest(name).replace("'", "").replace("did you mean ", "did you mean key ")
+            raise SettingsError(f"{path}: {key!r} is not a setting{hint}")
+        values[name] = _parse(_SPECS[name], raw, f"{path}: {key}")
+    return values
+
+
+def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for variable, raw in env.items():
+        if not variable.startswith(ENV_PREFIX) or variable.startswith(ENV_INTERNAL_PREFIX):
+            continue
+        if variable == CONFIG_ENV:
+            continue
+        name = variable.removeprefix(ENV_PREFIX).lower()
+        if name not in _SPECS:
+            match = difflib.get_close_matches(name, list(_SPECS), n=1, cutoff=0.6)
+            hint = f"; did you mean {ENV_PREFIX}{match[0].upper()}?" if match else ""
+            raise SettingsError(f"{variable} is not a setting{hint}")
+        values[name] = _parse(_SPECS[name], raw, variable)
+    return values
+
+
+def process_environment() -> Mapping[str, str]:
+    return os.environ

@@ -9,8 +9,12 @@ Nothing here knows about sockets or Consul.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from meshgw.addresses import hostport
 
 DEFAULT_PARTITION = "default"
 DEFAULT_NAMESPACE = "default"
@@ -35,7 +39,7 @@ class Endpoint:
     source: Source = Source.STATIC
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -90,6 +94,22 @@ class Topology:
     # Local mesh service instances, at their LAN addresses.
     services: Mapping[ServiceKey, tuple[Endpoint, ...]] = field(default_factory=_frozen)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "datacenter": self.datacenter,
+            "domain": self.domain,
+            "trust_domain": self.trust_domain,
+            "primary_datacenter": self.primary_datacenter,
+            "servers": {node: str(e) for node, e in self.servers.items()},
+            "gateways": {
+                f"{k.datacenter}/{k.partition}": [str(e) for e in v]
+                for k, v in self.gateways.items()
+            },
+            "services": {
+                f"{k.namespace}/{k.name}": [str(e) for e in v] for k, v in self.services.items()
+            },
+        }
+
 
 def merge(
     parts: Iterable[TopologyPart],
@@ -130,3 +150,45 @@ def merge(
         gateways=_frozen(gateways),
         services=_frozen(services),
     )
+
+
+class Sources:
+    """What each source said last, and the Topology they make together.
+
+    Precedence, lowest first: the primary_gateways bootstrap (discovered gateways replace it
+    once they exist, and it comes back if they vanish), Consul discovery, then the static
+    settings, which the operator wrote and which win over both.
+    """
+
+    PRECEDENCE = (Source.PRIMARY_GATEWAYS, Source.CONSUL, Source.STATIC)
+
+    def __init__(self, *, datacenter: str | None, domain: str | None, expose_servers: bool) -> None:
+        self.parts: dict[Source, TopologyPart] = {}
+        self.updated: dict[Source, float] = {}  # time.time() of each source's last part
+        self.configure(datacenter=datacenter, domain=domain, expose_servers=expose_servers)
+
+    def configure(
+        self, *, datacenter: str | None, domain: str | None, expose_servers: bool
+    ) -> None:
+        """What the settings fix whatever the sources say (a reload may change it)."""
+        self.datacenter, self.domain, self.expose_servers = datacenter, domain, expose_servers
+
+    def update(self, part: TopologyPart) -> Topology | None:
+        """Take a source's new part; the merged Topology, or None while the local datacenter
+        is not known (from the settings or the Consul agent)."""
+        self.parts[part.source] = part
+        self.updated[part.source] = time.time()
+        try:
+            return merge(
+                [self.parts[s] for s in self.PRECEDENCE if s in self.parts],
+                datacenter=self.datacenter,
+                domain=self.domain,
+                expose_servers=self.expose_servers,
+            )
+        except ValueError:
+            return None
+
+    def ages(self) -> dict[str, float]:
+        """Seconds since each source last published."""
+        now = time.time()
+        return {source.value: round(now - at, 3) for source, at in self.updated.items()}

@@ -124,7 +124,7 @@ def test_sigterm_stops_every_child_and_reports(tmp_path: Path) -> None:
         [sys.executable, "-m", "meshgw", "bench", "--scenarios", "rr-1", "--against", "direct",
          "--duration", "60", "--repeat", "1", "--json", str(tmp_path / "bench.json")],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MESHGW_BENCH_LOADGEN": "python"},
+        env={**os.environ, "MESHGW_X_BENCH_LOADGEN": "python"},
     )  # fmt: skip
     try:
         # No event says when the load runs: the load generator's process appearing is the sign

@@ -400,7 +400,7 @@ def test_primary_gateways_route_until_federation_states_know_better(
         consul=double.url,
         expose_servers=True,
         primary_dc="dc1",
-        primary_gateways=[f"localhost:{bootstrap.port}"],
+        primary_gateway=[f"localhost:{bootstrap.port}"],
     )
     eventually(lambda: route_targets(gw.admin_port, "server.dc1.consul"))
     assert ask(gw.port, "server.dc1.consul") == b"bootstrap"
@@ -426,7 +426,7 @@ def test_primary_gateways_without_consul(gateway_factory, backend_factory) -> No
         dc="dc2",
         expose_servers=True,
         primary_dc="dc1",
-        primary_gateways=[f"127.0.0.1:{bootstrap.port}"],
+        primary_gateway=[f"127.0.0.1:{bootstrap.port}"],
     )
     assert ask(gw.port, "node-1.server.dc1.consul") == b"bootstrap"
 
@@ -436,7 +436,7 @@ def test_sighup_reloads_routes_and_registration(consul, gateway_process, tmp_pat
     config = tmp_path / "meshgw.toml"
     config.write_text(
         'dc = "dc1"\nexpose_servers = true\nregister = true\n'
-        'servers = ["s1=127.0.0.1:8300"]\nwan_address = "203.0.113.5:443"\n'
+        'server = ["s1=127.0.0.1:8300"]\nwan_address = "203.0.113.5:443"\n'
     )
     gw = gateway_process(
         "--config", str(config), "--consul", double.url,
@@ -445,7 +445,7 @@ def test_sighup_reloads_routes_and_registration(consul, gateway_process, tmp_pat
     double.requests.wait_for("/v1/agent/service/register")
     config.write_text(
         'dc = "dc1"\nexpose_servers = true\nregister = true\n'
-        'servers = ["s2=127.0.0.1:8301"]\nwan_address = "198.51.100.7:8443"\n'
+        'server = ["s2=127.0.0.1:8301"]\nwan_address = "198.51.100.7:8443"\n'
     )
     gw.signal(signal.SIGHUP)
     gw.wait_for("settings reloaded")

@@ -41,7 +41,7 @@ from tests.conftest import (
     stream,
 )
 from tests.hellos import TRUST_DOMAIN as TD
-from tests.hellos import python_hello, reframe, with_mlkem_key_share
+from tests.hellos import padded_to, python_hello, reframe, with_mlkem_key_share
 
 
 def metric(admin_port: int, name: str, **labels: str) -> float:
@@ -125,13 +125,13 @@ def test_tls_with_hostname_verification_to_local_and_remote_servers(
     dc1_server = backend_factory(tls_server(pki, "dc1"))
     dc2_server = backend_factory(tls_server(pki, "dc2"))
     dc2_gateway = gateway_factory(
-        dc="dc2", expose_servers=True, servers=[f"node2={dc2_server.address}"]
+        dc="dc2", expose_servers=True, server=[f"node2={dc2_server.address}"]
     )
     dc1_gateway = gateway_factory(
         dc="dc1",
         expose_servers=True,
-        servers=[f"node1={dc1_server.address}"],
-        gateways=[f"dc2=127.0.0.1:{dc2_gateway.port}"],
+        server=[f"node1={dc1_server.address}"],
+        gateway=[f"dc2=127.0.0.1:{dc2_gateway.port}"],
     )
     port = dc1_gateway.port
     assert tls_client(pki, "dc1", port, "node1.server.dc1.consul") == b"dc1:consul/rpc-multi:ping"
@@ -142,7 +142,7 @@ def test_tls_with_hostname_verification_to_local_and_remote_servers(
     # The gateway never terminates TLS: a server whose certificate lacks the name is caught by
     # the client's own verification, end to end.
     dc3_gateway = gateway_factory(
-        dc="dc3", expose_servers=True, servers=[f"imposter={dc1_server.address}"]
+        dc="dc3", expose_servers=True, server=[f"imposter={dc1_server.address}"]
     )
     with pytest.raises(ssl.SSLCertVerificationError):
         tls_client(pki, "dc1", dc3_gateway.port, "imposter.server.dc3.consul")
@@ -151,7 +151,7 @@ def test_tls_with_hostname_verification_to_local_and_remote_servers(
 
 def test_openssl_s_client_through_the_gateway(pki, gateway_factory, backend_factory, tmp_path):
     server = backend_factory(tls_server(pki, "dc1"))
-    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"])
     import subprocess
 
     result = subprocess.run(
@@ -234,7 +234,7 @@ def bulk_both_ways(gw: GatewayThread, server: Backend, size: int, got: dict[str,
 def test_bulk_both_ways_at_once_is_byte_exact(gateway_factory, backend_factory, pump, size):
     got: dict[str, str] = {}
     server = bulk_backend(backend_factory, size, got)
-    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"], pump=pump)
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"], pump=pump)
     bulk_both_ways(gw, server, size, got)
     assert metric(gw.admin_port, "meshgw_bytes_total", route_kind="local_server",
                   datacenter="dc1", direction="downstream") == size  # fmt: skip
@@ -246,7 +246,7 @@ def test_no_pipe_to_be_had_moves_the_burst_through_userspace(
 ):
     got: dict[str, str] = {}
     server = bulk_backend(backend_factory, 16 << 20, got)
-    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"], pump="splice")
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"], pump="splice")
     if shortage == "budget":
         gw.call(lambda: setattr(gw.gateway.listener.dp.pipes, "max_pipes", 0))
     else:
@@ -292,7 +292,7 @@ def test_half_close_each_way(gateway_factory, backend_factory):
         conn.sendall(b"answer:" + hashlib.sha256(request).digest())
 
     a = backend_factory(server_answers_after_eof)
-    gw = gateway_factory(expose_servers=True, servers=[f"a={a.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"a={a.address}"])
     with connect(gw.port) as client:
         client.sendall(hello + b"request body")
         client.shutdown(socket.SHUT_WR)
@@ -309,7 +309,7 @@ def test_half_close_each_way(gateway_factory, backend_factory):
         tail.append(recv_all(conn))
 
     b = backend_factory(server_closes_first)
-    gw2 = gateway_factory(expose_servers=True, servers=[f"b={b.address}"])
+    gw2 = gateway_factory(expose_servers=True, server=[f"b={b.address}"])
     with connect(gw2.port) as client:
         client.sendall(hello)
         assert recv_all(client) == b"bye"  # EOF from the server came through
@@ -325,7 +325,7 @@ def test_split_and_multi_record_hellos_are_forwarded_verbatim(
 ):
     received: list[bytes] = []
     server = backend_factory(recorder(received))
-    gw = gateway_factory(expose_servers=True, servers=[f"n1={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"n1={server.address}"])
     hello = python_hello("n1.server.dc1.consul")
     if shape == "multi_record":
         hello = reframe(hello, [60, 7, 100])
@@ -360,7 +360,7 @@ def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory):
     server = backend_factory(recorder(received))
     gw = gateway_factory(
         expose_servers=True,
-        gateways=[f"dc2={refused_address()}", f"dc2={server.address}"],
+        gateway=[f"dc2={refused_address()}", f"dc2={server.address}"],
     )
     hello = python_hello("server.dc2.consul")
     for _ in range(4):  # round robin starts on each endpoint in turn
@@ -381,7 +381,7 @@ def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory):
 
 
 def test_every_endpoint_down_closes_the_client(gateway_factory):
-    gw = gateway_factory(expose_servers=True, gateways=[f"dc2={refused_address()}"])
+    gw = gateway_factory(expose_servers=True, gateway=[f"dc2={refused_address()}"])
     with connect(gw.port) as client:
         client.sendall(python_hello("server.dc2.consul"))
         assert closed_by_peer(client)
@@ -405,7 +405,7 @@ def test_connect_timeout_fails_over(gateway_factory, backend_factory):
         gw = gateway_factory(
             expose_servers=True,
             connect_timeout=0.3,
-            gateways=[f"dc2=127.0.0.1:{hole.getsockname()[1]}", f"dc2={server.address}"],
+            gateway=[f"dc2=127.0.0.1:{hole.getsockname()[1]}", f"dc2={server.address}"],
         )
         hello = python_hello("server.dc2.consul")
         for _ in range(2):
@@ -442,7 +442,7 @@ def test_connect_timeout_fails_over(gateway_factory, backend_factory):
 )
 def test_unknown_and_malformed_input_is_refused(gateway_factory, backend_factory, payload, reason):
     server = backend_factory(recorder([]))
-    gw = gateway_factory(expose_servers=True, servers=[f"node1={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"])
     with connect(gw.port) as client:
         client.sendall(payload)
         assert closed_by_peer(client)
@@ -452,7 +452,7 @@ def test_unknown_and_malformed_input_is_refused(gateway_factory, backend_factory
 
 def test_without_expose_servers_no_server_name_is_routed(gateway_factory, backend_factory):
     server = backend_factory(recorder([]))
-    gw = gateway_factory(servers=[f"node1={server.address}"], gateways=["dc2=127.0.0.1:9"])
+    gw = gateway_factory(server=[f"node1={server.address}"], gateway=["dc2=127.0.0.1:9"])
     for name in ["node1.server.dc1.consul", "server.dc1.consul", "server.dc2.consul"]:
         with connect(gw.port) as client:
             client.sendall(python_hello(name))
@@ -472,9 +472,9 @@ def test_hello_deadline(gateway_factory):
 
 
 def test_hello_over_the_cap_is_refused(gateway_factory):
-    gw = gateway_factory(max_hello_bytes=1024)
+    gw = gateway_factory(max_hello_bytes=2048)
     with connect(gw.port) as client:
-        client.sendall(with_mlkem_key_share(python_hello("server.dc1.consul")))
+        client.sendall(padded_to(with_mlkem_key_share(python_hello("server.dc1.consul")), 4096))
         assert closed_by_peer(client)
     assert metric(gw.admin_port, "meshgw_rejections_total", reason="too_large") == 1
 
@@ -571,7 +571,7 @@ def test_idle_timeout_closes_quiet_connections(gateway_factory, backend_factory)
         recv_all(conn)
 
     server = backend_factory(hold)
-    gw = gateway_factory(expose_servers=True, servers=[f"n={server.address}"], idle_timeout=0.4)
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], idle_timeout=0.4)
     with connect(gw.port) as client:
         client.sendall(python_hello("n.server.dc1.consul"))
         started = time.monotonic()
@@ -587,7 +587,7 @@ def test_upstream_reset_resets_the_client(gateway_factory, backend_factory):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     server = backend_factory(reset)
-    gw = gateway_factory(expose_servers=True, servers=[f"n={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"])
     with connect(gw.port) as client:
         client.sendall(python_hello("n.server.dc1.consul"))
         with pytest.raises(ConnectionResetError):
@@ -705,7 +705,7 @@ def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factor
         conn.sendall(b"hi")
 
     server = backend_factory(reply)
-    gw = gateway_factory(expose_servers=True, servers=[f"n={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"])
     hello = python_hello("n.server.dc1.consul")
     gc.collect()
     gc.disable()

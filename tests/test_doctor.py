@@ -139,10 +139,10 @@ def federation(consul, gateway_factory, backend_factory, pki) -> Callable[..., F
     def make(dc2_cert: str = "dc2") -> Federation:
         dc2_server = backend_factory(tls_server(pki, dc2_cert))
         dc2_gateway = gateway_factory(
-            dc="dc2", expose_servers=True, servers=[f"node2={dc2_server.address}"]
+            dc="dc2", expose_servers=True, server=[f"node2={dc2_server.address}"]
         )
         dc1_gateway = gateway_factory(
-            dc="dc1", expose_servers=True, gateways=[f"dc2=127.0.0.1:{dc2_gateway.port}"]
+            dc="dc1", expose_servers=True, gateway=[f"dc2=127.0.0.1:{dc2_gateway.port}"]
         )
         double = consul()
         catalog(double, dc1_gateway.port, dc2_gateway.port)

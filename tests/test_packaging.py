@@ -270,8 +270,8 @@ def test_example_toml_loads() -> None:
     settings = Settings.load(config=EXAMPLES / "meshgw.toml")
     assert settings.dc == "dc2" and settings.primary_dc == "dc1"
     assert settings.expose_servers
-    assert set(settings.servers) == {"consul-server-0", "consul-server-1", "consul-server-2"}
-    assert [str(a) for a in settings.gateways["dc1"]] == ["203.0.113.5:443", "203.0.113.6:443"]
+    assert set(settings.server) == {"consul-server-0", "consul-server-1", "consul-server-2"}
+    assert [str(a) for a in settings.gateway["dc1"]] == ["203.0.113.5:443", "203.0.113.6:443"]
     assert settings.idle_timeout is None
     # Every commented-out key is a setting too, so that uncommenting one cannot break the file.
     text = (EXAMPLES / "meshgw.toml").read_text()
@@ -285,17 +285,17 @@ def test_environment_style_loads() -> None:
     environ = {
         "MESHGW_DC": "dc1",
         "MESHGW_EXPOSE_SERVERS": "1",
-        "MESHGW_SERVERS": "a=1.2.3.4:8300,b=1.2.3.5:8300",
-        "MESHGW_GATEWAYS": "dc2=5.6.7.8:443,dc2=5.6.7.9:443",
+        "MESHGW_SERVER": "a=1.2.3.4:8300,b=1.2.3.5:8300",
+        "MESHGW_GATEWAY": "dc2=5.6.7.8:443,dc2=5.6.7.9:443",
         "MESHGW_DRAIN_TIMEOUT": "20s",
     }
     settings = Settings.load(environ=environ)
     assert settings.expose_servers and settings.drain_timeout == 20
-    assert {k: str(v) for k, v in settings.servers.items()} == {
+    assert {k: str(v) for k, v in settings.server.items()} == {
         "a": "1.2.3.4:8300",
         "b": "1.2.3.5:8300",
     }
-    assert [str(a) for a in settings.gateways["dc2"]] == ["5.6.7.8:443", "5.6.7.9:443"]
+    assert [str(a) for a in settings.gateway["dc2"]] == ["5.6.7.8:443", "5.6.7.9:443"]
 
 
 K8S_ENV = re.compile(r'^\s*(?:# )?- \{name: (MESHGW_\w+), value: "?([^"}]*)"?\}', re.M)
@@ -305,14 +305,14 @@ def test_kubernetes_sidecar_env_is_meshgw_settings() -> None:
     text = (EXAMPLES / "kubernetes" / "consul-server-sidecar.yaml").read_text()
     pairs = K8S_ENV.findall(text)
     names = {name for name, _ in pairs}
-    assert {"MESHGW_DC", "MESHGW_EXPOSE_SERVERS", "MESHGW_SERVERS", "MESHGW_ADMIN"} <= names
+    assert {"MESHGW_DC", "MESHGW_EXPOSE_SERVERS", "MESHGW_SERVER", "MESHGW_ADMIN"} <= names
     known = {"MESHGW_" + name.upper() for name in Settings.__dataclass_fields__}
     assert names <= known, names - known
     # The kubelet expands $(POD_IP); every value, the commented ones too, must then load.
     environ = {name: value.replace("$(POD_IP)", "10.1.2.3") for name, value in pairs}
     settings = Settings.load(environ=environ)
     assert settings.admin.host == "0.0.0.0"  # the kubelet's httpGet probes reach the admin face
-    assert len(settings.servers) == 3
+    assert len(settings.server) == 3
     grace = re.search(r"terminationGracePeriodSeconds: (\d+)", text)
     assert grace and int(grace.group(1)) > settings.drain_timeout
     assert "path: /ready" in text and "path: /healthz" in text

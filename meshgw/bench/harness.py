@@ -37,7 +37,7 @@ START_TIMEOUT = 20.0  # seconds for a proxy or backend to come up
 STOP_TIMEOUT = 10.0  # seconds for a process to exit after SIGTERM before SIGKILL
 SLACK = 30.0  # seconds a load run may take beyond its nominal duration
 LISTENING = re.compile(r"meshgw listening listen=(\S+):(\d+) admin=(\S+):(\d+)")
-LOADGEN_ENV = "MESHGW_BENCH_LOADGEN"  # "python" forces the Python load generator
+LOADGEN_ENV = "MESHGW_X_BENCH_LOADGEN"  # "python" forces the Python load generator
 
 
 class BenchError(Exception):

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from meshgw.addresses import hostport
 from meshgw.control.consul import Backoff, ConsulClient, ConsulNotFound, ConsulRequestError
+from meshgw.durations import go_duration
 
 log = logging.getLogger("meshgw.registrar")
 
@@ -30,7 +32,7 @@ class GatewayRegistration:
     address: tuple[str, int] | None = None  # LAN: where local servers dial this gateway
     wan_address: tuple[str, int] | None = None  # where other datacenters dial it
     expose_servers: bool = False
-    deregister_after_critical: str = "6h"
+    deregister_after_critical: float = 6 * 3600.0  # seconds
 
     @property
     def id(self) -> str:
@@ -57,12 +59,11 @@ class GatewayRegistration:
         # Without an address the agent must share the gateway's network namespace (Consul's
         # own comment): the check dials loopback.
         check_host = host or "127.0.0.1"
-        check_target = f"[{check_host}]:{port}" if ":" in check_host else f"{check_host}:{port}"
         body["Check"] = {
             "Name": "mesh-gateway listening",
-            "TCP": check_target,
+            "TCP": hostport(check_host, port),
             "Interval": "10s",
-            "DeregisterCriticalServiceAfter": self.deregister_after_critical,
+            "DeregisterCriticalServiceAfter": go_duration(self.deregister_after_critical),
         }
         return body
 

@@ -20,7 +20,7 @@ from meshgw.dataplane.listener import Listener
 from meshgw.metrics import Metrics
 from meshgw.routing import RouteTable
 
-CHANNEL_FD_ENV = "MESHGW_WORKER_FD"
+CHANNEL_FD_ENV = "MESHGW_X_WORKER_FD"  # plumbing, not a setting (settings.py)
 ORPHAN_DRAIN_TIMEOUT = 30.0  # the supervisor is gone: finish what is open, then leave
 
 

@@ -31,6 +31,10 @@ log = logging.getLogger("meshgw.workers")
 ReplyT = TypeVar("ReplyT", bound=m.Reply)
 
 
+class WorkerStartError(Exception):
+    """A worker process could not be started at all (not a listen error: those are OSError)."""
+
+
 class WorkerHandle:
     """The supervisor's handle on one worker process."""
 
@@ -48,14 +52,24 @@ class WorkerHandle:
         self.started = asyncio.get_running_loop().time()
         ours, theirs = socket.socketpair()
         env = {**os.environ, CHANNEL_FD_ENV: str(theirs.fileno())}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshgw.dataplane.worker"],
-            pass_fds=[theirs.fileno()],
-            env=env,
-        )
-        theirs.close()
+        command = [sys.executable, "-m", "meshgw.dataplane.worker"]
+        try:
+            self.proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], env=env)
+        except OSError as error:
+            raise WorkerStartError(
+                f"cannot start worker process {' '.join(command)}: {error.strerror or error}"
+            ) from None
+        finally:
+            theirs.close()
         self.reader, self.writer = await asyncio.open_connection(sock=ours)
-        reply = await self.request(start, m.Listening | m.Failed)  # type: ignore[arg-type]
+        try:
+            reply = await self.request(start, m.Listening | m.Failed)  # type: ignore[arg-type]
+        except (asyncio.IncompleteReadError, ConnectionError):
+            status = await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
+            raise WorkerStartError(
+                f"worker process {self.index} exited (status {status}) before listening; "
+                "its error is above"
+            ) from None
         if isinstance(reply, m.Failed):
             raise OSError(reply.errno, reply.strerror)
         return reply.port
@@ -173,7 +187,7 @@ class WorkerPool:
         self.workers[self.workers.index(dead)] = worker
         try:
             await worker.start(self._start_message(worker))
-        except (OSError, ConnectionError, asyncio.IncompleteReadError) as error:
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, WorkerStartError) as error:
             log.error("worker %d could not start: %s", worker.index, error)
         except asyncio.CancelledError:
             if worker.proc is not None:  # the drain began while it was starting

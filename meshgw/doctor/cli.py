@@ -9,10 +9,11 @@ from pathlib import Path
 
 import click
 
+from meshgw.addresses import parse_address
 from meshgw.doctor.checks import Status
 from meshgw.doctor.runner import gather, render_json, render_text
 from meshgw.doctor.tls import DoctorOptions, tls_context
-from meshgw.settings import parse_address, parse_seconds
+from meshgw.durations import parse_duration
 
 __all__ = ["doctor_command"]
 
@@ -42,7 +43,7 @@ def _options(
             raise ValueError(f"--gateway {text!r}: {error}") from None
         addresses.append((address.host, address.port))
     try:
-        seconds = parse_seconds(timeout)
+        seconds = parse_duration(timeout)
     except ValueError as error:
         raise ValueError(f"--timeout: {error}") from None
     if seconds <= 0:

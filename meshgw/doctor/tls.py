@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshgw.addresses import hostport
 from meshgw.control.catalog import lan_address
 from meshgw.doctor.checks import (
     TLS,
@@ -225,7 +226,7 @@ async def tls_probe(
     handshake, the certificate check, and what the server says after it. In TLS 1.3 the client
     finishes before the server has seen the client certificate; the server's verdict comes
     afterwards as a session ticket (accepted) or an alert (refused)."""
-    gateway = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    gateway = hostport(host, port)
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)

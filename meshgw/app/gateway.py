@@ -1,35 +1,33 @@
-"""The composition root: the one place that knows every layer and wires them together.
+"""The gateway's life: start the data plane, the admin face and the control plane, install
+route tables as sources publish, reload on SIGHUP, drain on SIGTERM.
 
-Settings → topology parts → merged Topology → RouteTable → data plane; the admin face reads the
-gateway's state. Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads settings in place.
+Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads settings in place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import generate_latest
 
+from meshgw.addresses import Address, hostport
 from meshgw.admin import AdminServer, AdminViews
-from meshgw.control.bootstrap import PrimaryGateways
-from meshgw.control.consul import ConsulClient, ConsulConfig, ConsulConfigError
-from meshgw.control.discovery import Discovery
-from meshgw.control.registrar import GatewayRegistration, Registrar
+from meshgw.app.controlplane import ControlPlane
 from meshgw.dataplane.budget import DescriptorBudget
 from meshgw.dataplane.context import DataPlaneConfig
 from meshgw.dataplane.listener import Listener
 from meshgw.dataplane.service import DataPlaneService
-from meshgw.dataplane.workers import WorkerPool
+from meshgw.dataplane.workers import WorkerPool, WorkerStartError
 from meshgw.metrics import Metrics, merge_metrics
 from meshgw.routing import RouteKind, RouteTable
-from meshgw.settings import Settings, SettingsError
-from meshgw.topology import Source, Topology, TopologyPart, merge
+from meshgw.settings import DEFAULT_GATEWAY_PORT, Settings, SettingsError
+from meshgw.topology import Source, Sources, Topology, TopologyPart
 
 log = logging.getLogger("meshgw")
 
@@ -47,120 +45,28 @@ def dataplane_config(settings: Settings, budget: DescriptorBudget) -> DataPlaneC
     )
 
 
-class ControlPlane:
-    """Consul discovery, the registrar and the primary_gateways bootstrap, as settings ask.
+class StartupError(Exception):
+    """The gateway cannot start for a reason that is not a setting (one line, exit 1)."""
 
-    Consul is used with --consul or --register (address and token also from CONSUL_* variables).
-    Each source publishes TopologyParts to the gateway; none of them touches the data plane.
-    """
 
-    def __init__(
-        self,
-        settings: Settings,
-        publish: Callable[[TopologyPart], None],
-        metrics: Metrics,
-    ) -> None:
-        self.settings = settings
-        self.publish = publish
-        self.metrics = metrics
-        self.client: ConsulClient | None = None
-        self.discovery: Discovery | None = None
-        self.registrar: Registrar | None = None
-        self.listen_port = settings.listen.port
-        self.tasks: list[asyncio.Task[None]] = []
-        if settings.consul is not None or settings.register:
-            try:
-                config = ConsulConfig.from_env(
-                    address=settings.consul, token_file=settings.token_file
-                )
-            except ConsulConfigError as error:
-                raise SettingsError(str(error)) from None
-            self.config: ConsulConfig | None = config
-        else:
-            self.config = None
-
-    async def start(self, listen_port: int) -> None:
-        settings = self.settings
-        loop = asyncio.get_running_loop()
-        if settings.primary_gateways and settings.primary_dc:
-            bootstrap = PrimaryGateways(
-                settings.primary_dc,
-                [(a.host, a.port) for a in settings.primary_gateways],
-                settings.primary_gateways_interval,
-                self.publish,
-            )
-            await bootstrap.refresh()  # static addresses route at once
-            self.tasks.append(loop.create_task(bootstrap.run()))
-        if self.config is None:
-            return
-        self.client = client = ConsulClient(self.config)
-
-        def health(source: str, ok: bool) -> None:
-            self.metrics.consul_up.labels(source).set(1 if ok else 0)
-
-        self.discovery = Discovery(
-            client,
-            self.publish,
-            datacenter=settings.dc,
-            expose_servers=settings.expose_servers,
-            gateway_service=settings.service_name,
-            on_health=health,
+def bind_error(flag: str, address: Address, error: OSError) -> str:
+    """Why an address cannot be bound, and what to do about it."""
+    where = f"{flag} {address}"
+    if error.errno == errno.EACCES and 0 < address.port < 1024:
+        return (
+            f"{where}: permission denied: ports below 1024 need root or the "
+            "CAP_NET_BIND_SERVICE capability (AmbientCapabilities= in a systemd unit); or "
+            f"listen on {DEFAULT_GATEWAY_PORT} and let the load balancer or firewall map "
+            f"{address.port} to it"
         )
-        self.tasks.append(loop.create_task(self.discovery.run()))
-        if settings.register:
-            self.listen_port = listen_port
-            self.registrar = Registrar(
-                client,
-                self.registration(settings),
-                on_state=lambda ok: health("registration", ok),
-            )
-            self.tasks.append(loop.create_task(self.registrar.run()))
-
-    def registration(self, settings: Settings) -> GatewayRegistration:
-        address, wan = settings.address, settings.wan_address
-        return GatewayRegistration(
-            name=settings.service_name,
-            service_id=settings.proxy_id,
-            # Without --address, Consul's CLI registers "" and its default port; the port this
-            # gateway really listens on is the one to advertise.
-            address=(address.host, address.port) if address else ("", self.listen_port),
-            wan_address=(wan.host, wan.port) if wan else None,
-            expose_servers=settings.expose_servers,
-            deregister_after_critical=settings.deregister_after_critical,
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"{where}: address already in use: another process listens there "
+            f"(`ss -ltnp 'sport = :{address.port}'` names it), or another meshgw still drains"
         )
-
-    def reload(self, settings: Settings) -> None:
-        """SIGHUP: register again with what the new settings say."""
-        self.settings = settings
-        if self.registrar is not None:
-            self.registrar.replace(self.registration(settings))
-
-    def watch_status(self) -> dict[str, Any]:
-        if self.discovery is None:
-            return {}
-        return {
-            "address": self.discovery.client.config.address,
-            "indexes": dict(self.discovery.indexes),
-            "sources": self.discovery.status(),
-        }
-
-    async def deregister(self) -> None:
-        if self.registrar is not None:
-            for task in self.tasks:
-                task.cancel()  # the registrar must not register again while we leave
-            await self.registrar.deregister()
-
-    async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task, outcome in zip(
-            self.tasks, await asyncio.gather(*self.tasks, return_exceptions=True), strict=True
-        ):
-            if isinstance(outcome, Exception):
-                log.error("%s had failed: %r", task.get_name(), outcome)
-        self.tasks.clear()
-        if self.client is not None:
-            await self.client.close()
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no interface of this host has address {address.host}"
+    return f"{where}: {error.strerror or error}"
 
 
 class Gateway:
@@ -169,8 +75,9 @@ class Gateway:
     def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self._reload = reload
-        self.parts: dict[Source, TopologyPart] = {}
-        self.part_times: dict[Source, float] = {}
+        self.sources = Sources(
+            datacenter=settings.dc, domain=settings.domain, expose_servers=settings.expose_servers
+        )
         self.metrics = Metrics()
         # Until the local datacenter is known (from --dc or the Consul agent) nothing routes.
         self.topology: Topology | None = None
@@ -188,22 +95,9 @@ class Gateway:
 
     def update_part(self, part: TopologyPart) -> None:
         """A source learned something: merge, rebuild the table and swap it atomically."""
-        self.parts[part.source] = part
-        self.part_times[part.source] = time.time()
-        # Later wins: discovered gateways replace the primary_gateways bootstrap once they
-        # exist, and what the operator wrote in the settings wins over both.
-        order = [Source.PRIMARY_GATEWAYS, Source.CONSUL, Source.STATIC]
-        try:
-            topology = merge(
-                [self.parts[s] for s in order if s in self.parts],
-                datacenter=self.settings.dc,
-                domain=self.settings.domain,
-                expose_servers=self.settings.expose_servers,
-            )
-        except ValueError:
-            return  # the local datacenter is not known yet
-        if topology == self.topology:
-            return
+        topology = self.sources.update(part)
+        if topology is None or topology == self.topology:
+            return  # the local datacenter is not known yet, or nothing changed
         try:
             table = RouteTable.build(topology)
         except Exception as error:
@@ -245,11 +139,15 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
+        for warning in settings.warnings():
+            log.warning(warning)
         self.budget = DescriptorBudget.for_limit(settings.max_connections)
         try:
             self.listener = await self._start_dataplane()
         except OSError as error:
-            raise SettingsError(f"--listen {settings.listen}: {error.strerror}") from None
+            raise SettingsError(bind_error("--listen", settings.listen, error)) from None
+        except WorkerStartError as error:
+            raise StartupError(str(error)) from None
         listener = self.listener
         admin = AdminServer(
             self.admin_views(),
@@ -262,7 +160,7 @@ class Gateway:
             await admin.start()
         except OSError as error:
             await listener.drain(0)
-            raise SettingsError(f"--admin {settings.admin}: {error.strerror}") from None
+            raise SettingsError(bind_error("--admin", settings.admin, error)) from None
         self.admin = admin
         # Registration waits for the listener: Consul's TCP check must find it up.
         await self.control.start(listener.port)
@@ -270,8 +168,8 @@ class Gateway:
             "meshgw listening",
             extra={
                 "fields": {
-                    "listen": f"{listener.host}:{listener.port}",
-                    "admin": f"{admin.host}:{admin.port}",
+                    "listen": hostport(listener.host, listener.port),
+                    "admin": hostport(admin.host, admin.port),
                     "dc": self.topology.datacenter if self.topology else None,
                     "pump": listener.pump_mode,
                     "workers": settings.worker_count,
@@ -298,7 +196,7 @@ class Gateway:
             )
             try:
                 await pool.start()
-            except OSError:
+            except (OSError, WorkerStartError):
                 await pool.drain(0)
                 raise
             return pool
@@ -350,20 +248,13 @@ class Gateway:
         except SettingsError as error:
             log.error("reload refused, keeping the running settings: %s", error)
             return
-        fixed = (
-            "listen",
-            "admin",
-            "workers",
-            "pump",
-            "max_hello_bytes",
-            "max_connections",
-            "log_format",
-            "log_level",
-        )
-        changed = [name for name in fixed if getattr(new, name) != getattr(self.settings, name)]
+        changed = self.settings.needing_restart(new)
         if changed:
             log.warning("reload: %s take effect only after a restart", ", ".join(changed))
         self.settings = new
+        self.sources.configure(
+            datacenter=new.dc, domain=new.domain, expose_servers=new.expose_servers
+        )
         self.update_part(new.static_topology())
         self.control.reload(new)
         log.info("settings reloaded")
@@ -387,40 +278,23 @@ class Gateway:
         return self.table.to_json()
 
     def topology_json(self) -> dict[str, Any]:
-        now = time.time()
         sources: dict[str, dict[str, Any]] = {
-            source.value: {"age_s": round(now - self.part_times[source], 3)}
-            for source in self.parts
+            source: {"age_s": age} for source, age in self.sources.ages().items()
         }
         if Source.CONSUL.value in sources:
             sources[Source.CONSUL.value]["watches"] = self.control.watch_status()
-        topo = self.topology
-        if topo is None:
-            return {"datacenter": None, "sources": sources}
-        return {
-            "datacenter": topo.datacenter,
-            "domain": topo.domain,
-            "trust_domain": topo.trust_domain,
-            "primary_datacenter": topo.primary_datacenter,
-            "servers": {node: str(e) for node, e in topo.servers.items()},
-            "gateways": {
-                f"{k.datacenter}/{k.partition}": [str(e) for e in v]
-                for k, v in topo.gateways.items()
-            },
-            "services": {
-                f"{k.namespace}/{k.name}": [str(e) for e in v] for k, v in topo.services.items()
-            },
-            "sources": sources,
-        }
+        topology = self.topology.to_json() if self.topology else {"datacenter": None}
+        return {**topology, "sources": sources}
 
     def ready(self) -> tuple[bool, str]:
         if self.listener is None or not self.listener.listening:
             return False, "not listening"
         if self.topology is None:
             return False, "the local datacenter is not known yet (waiting for the Consul agent)"
+        notes = "".join(f"\nnote: {text}" for text in self.settings.warnings())
         if not (self.table.exact or self.table.wildcard):
-            return False, "no routes yet"
-        return True, "ready"
+            return False, "no routes yet" + notes
+        return True, "ready" + notes
 
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:

@@ -1,0 +1,135 @@
+"""The control plane as the settings ask for it: Consul discovery, the registrar, the
+primary_gateways bootstrap. Each source publishes TopologyParts; none touches the data plane."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from meshgw.control.bootstrap import PrimaryGateways
+from meshgw.control.consul import ConsulClient, ConsulConfig, ConsulConfigError
+from meshgw.control.discovery import Discovery
+from meshgw.control.registrar import GatewayRegistration, Registrar
+from meshgw.metrics import Metrics
+from meshgw.settings import Settings, SettingsError
+from meshgw.topology import TopologyPart
+
+log = logging.getLogger("meshgw")
+
+
+class ControlPlane:
+    """Consul discovery, the registrar and the primary_gateways bootstrap, as settings ask.
+
+    Consul is used with --consul or --register (address and token also from CONSUL_* variables).
+    Each source publishes TopologyParts to the gateway; none of them touches the data plane.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        publish: Callable[[TopologyPart], None],
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.publish = publish
+        self.metrics = metrics
+        self.client: ConsulClient | None = None
+        self.discovery: Discovery | None = None
+        self.registrar: Registrar | None = None
+        self.listen_port = settings.listen.port
+        self.tasks: list[asyncio.Task[None]] = []
+        if settings.consul is not None or settings.register:
+            try:
+                config = ConsulConfig.from_env(
+                    address=settings.consul, token_file=settings.token_file
+                )
+            except ConsulConfigError as error:
+                raise SettingsError(str(error)) from None
+            self.config: ConsulConfig | None = config
+        else:
+            self.config = None
+
+    async def start(self, listen_port: int) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        if settings.primary_gateway and settings.primary_dc:
+            bootstrap = PrimaryGateways(
+                settings.primary_dc,
+                [(a.host, a.port) for a in settings.primary_gateway],
+                settings.primary_gateways_interval,
+                self.publish,
+            )
+            await bootstrap.refresh()  # static addresses route at once
+            self.tasks.append(loop.create_task(bootstrap.run()))
+        if self.config is None:
+            return
+        self.client = client = ConsulClient(self.config)
+
+        def health(source: str, ok: bool) -> None:
+            self.metrics.consul_up.labels(source).set(1 if ok else 0)
+
+        self.discovery = Discovery(
+            client,
+            self.publish,
+            datacenter=settings.dc,
+            expose_servers=settings.expose_servers,
+            gateway_service=settings.service_name,
+            on_health=health,
+        )
+        self.tasks.append(loop.create_task(self.discovery.run()))
+        if settings.register:
+            self.listen_port = listen_port
+            self.registrar = Registrar(
+                client,
+                self.registration(settings),
+                on_state=lambda ok: health("registration", ok),
+            )
+            self.tasks.append(loop.create_task(self.registrar.run()))
+
+    def registration(self, settings: Settings) -> GatewayRegistration:
+        address, wan = settings.address, settings.wan_address
+        return GatewayRegistration(
+            name=settings.service_name,
+            service_id=settings.proxy_id,
+            # Without --address, Consul's CLI registers "" and its default port; the port this
+            # gateway really listens on is the one to advertise.
+            address=(address.host, address.port) if address else ("", self.listen_port),
+            wan_address=(wan.host, wan.port) if wan else None,
+            expose_servers=settings.expose_servers,
+            deregister_after_critical=settings.deregister_after_critical,
+        )
+
+    def reload(self, settings: Settings) -> None:
+        """SIGHUP: register again with what the new settings say."""
+        self.settings = settings
+        if self.registrar is not None:
+            self.registrar.replace(self.registration(settings))
+
+    def watch_status(self) -> dict[str, Any]:
+        if self.discovery is None:
+            return {}
+        return {
+            "address": self.discovery.client.config.address,
+            "indexes": dict(self.discovery.indexes),
+            "sources": self.discovery.status(),
+        }
+
+    async def deregister(self) -> None:
+        if self.registrar is not None:
+            for task in self.tasks:
+                task.cancel()  # the registrar must not register again while we leave
+            await self.registrar.deregister()
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task, outcome in zip(
+            self.tasks, await asyncio.gather(*self.tasks, return_exceptions=True), strict=True
+        ):
+            if isinstance(outcome, Exception):
+                log.error("%s had failed: %r", task.get_name(), outcome)
+        self.tasks.clear()
+        if self.client is not None:
+            await self.client.close()
