@@ -128,14 +128,15 @@ def test_sigterm_stops_every_child_and_reports(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         # No event says when the load runs: the load generator's process appearing is the sign
-        # (backend and proxy start before it).
+        # (backend and proxy start before it). Polled closely, so the signal often lands while
+        # the bench is still starting that process, where a child was once lost.
         deadline = time.monotonic() + SMOKE_LIMIT
         while True:
             tree = harness.process_tree(proc.pid)
             if any(b"\0rr\0" in _cmdline(pid) for pid in tree):
                 break
             assert proc.poll() is None and time.monotonic() < deadline, "bench did not start"
-            time.sleep(0.05)
+            time.sleep(0.002)
         children = [pid for pid in tree if pid != proc.pid]
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=SMOKE_LIMIT)
@@ -146,6 +147,37 @@ def test_sigterm_stops_every_child_and_reports(tmp_path: Path) -> None:
     assert "interrupted" in err
     assert (tmp_path / "bench.json").exists()
     assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+
+
+def test_an_interrupt_while_a_child_starts_cannot_lose_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM landing while Popen waits for the exec, as the bench's interrupt may."""
+    prepare = harness._prepare_child
+
+    def interrupting(cpus: list[int] | None) -> Any:
+        inner = prepare(cpus)
+
+        def run_in_child() -> None:
+            os.kill(os.getppid(), signal.SIGTERM)
+            inner()
+
+        return run_in_child
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "_prepare_child", interrupting)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            harness.Child(["sleep", "30"], cpus=None, log=tmp_path / "sleep.log")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    [pid] = [pid for pid, child in harness._running.items() if child.argv[0] == "sleep"]
+    assert harness.stop_all() == ["sleep"]
+    assert not Path(f"/proc/{pid}").exists()  # stopped and reaped
+    assert harness._running == {}
 
 
 def _cmdline(pid: int) -> bytes:

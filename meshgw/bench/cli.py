@@ -278,6 +278,12 @@ def bench_command(
             progress.done(run)
     except KeyboardInterrupt:
         progress.note("interrupted: reporting the runs so far")
+    finally:
+        # An interrupt can cut a run short between starting a child and handing it to the
+        # code that stops it: stop and reap whatever is left, so none outlives the bench.
+        left = harness.stop_all()
+    if left:
+        progress.note(f"stopped at exit: {', '.join(left)}")
     meta["loadavg_end"] = _loadavg()
 
     summary = report.summarise(runs)

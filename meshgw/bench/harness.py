@@ -118,10 +118,42 @@ def free_port() -> int:
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+# The bench turns these into KeyboardInterrupt (cli.py): the runs so far are reported.
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+_running: dict[int, Child] = {}  # pid → every child started here and not yet reaped
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT and SIGTERM stay pending while the body runs, and are handled right after.
+
+    An interrupt raised inside Popen, after the fork but before Popen returns, would lose the
+    child: never stopped, never reaped, left to die of PR_SET_PDEATHSIG once the bench is gone.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def stop_all() -> list[str]:
+    """Stop and reap every child still running, newest first: what an interrupt cut short.
+
+    Returns their command names. Interrupts wait meanwhile: each stop is bounded.
+    """
+    left = list(_running.values())[::-1]
+    with _interrupts_held():
+        for child in left:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.stop()
+    return [Path(child.argv[0]).name for child in left]
 
 
 def _prepare_child(cpus: list[int] | None) -> Callable[[], None]:
     def prepare() -> None:  # runs in the child between fork and exec
+        # The signal mask survives exec: undo _interrupts_held, or SIGTERM would not stop it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
         if _libc is not None:  # never outlive the bench, even one killed with SIGKILL
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if cpus:
@@ -148,7 +180,7 @@ class Child:
     ) -> None:
         self.argv = argv
         self.log = log
-        with open(log, "ab") as err:
+        with _interrupts_held(), open(log, "ab") as err:
             try:
                 self.proc = subprocess.Popen(
                     argv,
@@ -161,7 +193,8 @@ class Child:
                 )
             except OSError as error:
                 raise BenchError(f"cannot start {argv[0]}: {error}") from None
-        self.pid = self.proc.pid
+            self.pid = self.proc.pid
+            _running[self.pid] = self
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -186,6 +219,7 @@ class Child:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 self.proc.wait(STOP_TIMEOUT)
+        _running.pop(self.pid, None)  # reaped: poll() or wait() collected its status
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
