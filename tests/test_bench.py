@@ -209,7 +209,7 @@ def test_python_fallback_load_generator(tmp_path: Path) -> None:
 
 def test_hellos_are_real_and_routable() -> None:
     name = "n1.server.dc1.consul"
-    classic, mlkem = hellos.client_hello(name), hellos.mlkem_hello(name)
+    classic, mlkem = hellos.python_hello(name), hellos.mlkem_hello(name)
     assert 480 <= len(classic) <= 600
     assert len(mlkem) == hellos.MLKEM_HELLO_SIZE
     assert hellos.mlkem_hello(name) == mlkem  # deterministic across runs

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from meshgw.bench.hellos import python_hello, reframe, with_mlkem_key_share
 from meshgw.tls.certs import create_ca, create_cert
 from tests.conftest import (
     WAIT,
@@ -27,7 +28,6 @@ from tests.conftest import (
     stream,
 )
 from tests.hellos import TRUST_DOMAIN as TD
-from tests.hellos import python_hello, reframe, with_mlkem_key_share
 
 
 def metric(admin_port: int, name: str, **labels: str) -> float:

@@ -348,7 +348,7 @@ class Hellos:
         out = cls()
         for mode in peers.ROUTES:
             name = peers.server_name(mode)
-            for kind, data in (("classic", hellos.client_hello(name)),):
+            for kind, data in (("classic", hellos.python_hello(name)),):
                 out.files[(mode, kind)] = cls._save(folder, mode, kind, data)
         reply = peers.server_name("reply")
         out.files[("reply", "mlkem")] = cls._save(
