@@ -3,7 +3,8 @@
 Every process started here is pinned (proxy on its CPUs, load and backend on theirs), stopped by
 its PID and waited for; every load run is bounded in count and time by the load generator itself
 and, around it, by deadlines here. CPU and memory come from /proc: utime+stime and RSS summed over
-the proxy's whole process tree (nginx's workers, Envoy's threads).
+the proxy's whole process tree (nginx's workers, Envoy's threads), and the whole machine's busy
+time from /proc/stat (what the kernel does for the proxy outside its process too).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ START_TIMEOUT = 20.0  # seconds for a proxy or backend to come up
 STOP_TIMEOUT = 10.0  # seconds for a process to exit after SIGTERM before SIGKILL
 SLACK = 30.0  # seconds a load run may take beyond its nominal duration
 LISTENING = re.compile(r"meshgw listening listen=(\S+):(\d+) admin=(\S+):(\d+)")
+SHARED_FRACTION = 0.05  # other processes' share of all CPUs that marks a run as shared
 LOADGEN_ENV = "MESHGW_BENCH_LOADGEN"  # "python" forces the Python load generator
 
 
@@ -55,21 +57,50 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 0
 
 
-def process_tree(root: int) -> list[int]:
+def _processes() -> dict[int, list[str]]:
+    """The /proc/<pid>/stat fields (after the command name) of every process alive now."""
+    out: dict[int, list[str]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                out[int(entry.name)] = fields
+    return out
+
+
+def process_tree(root: int, processes: dict[int, list[str]] | None = None) -> list[int]:
     """`root` and all its descendants alive now."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for pid, fields in (processes if processes is not None else _processes()).items():
+        children.setdefault(int(fields[1]), []).append(pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
         out.append(pid)
         todo.extend(children.get(pid, ()))
     return out
+
+
+_PF_KTHREAD = 0x00200000  # /proc/<pid>/stat flags: a kernel thread
+
+
+def others_cpu_ticks(root: int) -> dict[int, int]:
+    """{pid: utime+stime in ticks} of every user process outside `root`'s tree: other work.
+
+    Kernel threads are left out: ksoftirqd and the kworkers may be doing the bench's work.
+    """
+    processes = _processes()
+    mine = set(process_tree(root, processes))
+    return {
+        pid: int(fields[11]) + int(fields[12])
+        for pid, fields in processes.items()
+        if pid not in mine and not int(fields[6]) & _PF_KTHREAD
+    }
+
+
+def others_cpu_between(start: dict[int, int], end: dict[int, int]) -> float:
+    """CPU seconds other processes used between two snapshots (those that ended are missed)."""
+    return sum(ticks - start.get(pid, 0) for pid, ticks in end.items()) / CLK_TCK
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -80,6 +111,23 @@ def cpu_seconds(pids: list[int]) -> float:
         if fields is not None:
             total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+# /proc/stat's first line: "cpu user nice system idle iowait irq softirq steal guest guest_nice",
+# in clock ticks summed over every CPU. Busy is all but idle and iowait; guest time is already
+# inside user and nice.
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine (every CPU, every process, the kernel) has been busy.
+
+    The kernel's own share counts: softirq work, such as the loopback receive path that runs on
+    the sending CPU, is charged to no process.
+    """
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()[1:]
+    return sum(int(fields[i]) for i in _BUSY_FIELDS if i < len(fields)) / CLK_TCK
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -97,11 +145,10 @@ def parse_cpus(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            low, high = part.split("-", 1)
-            cpus.update(range(int(low), int(high) + 1))
-        else:
-            cpus.add(int(part))
+        low, _, high = part.partition("-")
+        if not low.isdigit() or not (high or low).isdigit():
+            raise ValueError(f"not a CPU list: {text!r}")
+        cpus.update(range(int(low), int(high or low) + 1))
     if not cpus:
         raise ValueError(f"no CPUs in {text!r}")
     return sorted(cpus)
@@ -472,16 +519,17 @@ def start_proxy(
     mode: str,
     *,
     peer: peers.Peer | None,
+    pump: str | None,
     workdir: Path,
     cpus: list[int] | None,
-    pump: str,
     workers: int,
     log: Path,
 ) -> Proxy:
-    if target == "direct":
+    """`pump` is the mode of a meshgw target, None for the others."""
+    if target == peers.DIRECT:
         return Proxy(target, backend.ports[mode], None, None)
     deadline = time.monotonic() + START_TIMEOUT
-    if target == "meshgw":
+    if pump is not None:
         child = Child(meshgw_argv(backend.ports, pump, workers), cpus=cpus, log=log)
         try:
             port = _wait_meshgw(child, deadline)
@@ -520,8 +568,8 @@ class BenchSettings:
     workdir: Path
     proxy_cpus: list[int] | None
     load_cpus: list[int] | None
-    pump: str = "auto"
     workers: int = 1
+    pumps: dict[str, str] = field(default_factory=peers.meshgw_targets)  # meshgw target → mode
     peers: dict[str, peers.Peer] = field(default_factory=dict)
     profile: Path | None = None  # py-spy raw stacks of meshgw during rate-classic #1
 
@@ -764,9 +812,9 @@ def run_once(plan: RunPlan, settings: BenchSettings) -> dict[str, Any]:
             backend,
             v.backend,
             peer=settings.peers.get(plan.target),
+            pump=settings.pumps.get(plan.target),
             workdir=folder,
             cpus=settings.proxy_cpus,
-            pump=settings.pump,
             workers=settings.workers,
             log=folder / f"{tag}.proxy.log",
         )
@@ -824,12 +872,14 @@ def _run(
     pids = proxy.pids()
     if proxy.child:
         record["proxy"]["rss_before"] = rss_bytes(pids)
-    samples: dict[str, tuple[float, float, float]] = {}
+    samples: dict[str, tuple[float, float, float, float]] = {}
+    others: dict[str, dict[int, int]] = {}
 
     def sample(name: str) -> None:
         now = time.monotonic()
         proxy_cpu = cpu_seconds(proxy.pids()) if proxy.child else 0.0
-        samples[name] = (now, proxy_cpu, cpu_seconds([backend.pid]))
+        samples[name] = (now, proxy_cpu, cpu_seconds([backend.pid]), machine_cpu_seconds())
+        others[name] = others_cpu_ticks(os.getpid())  # last: the slowest, a /proc scan
 
     spy: list[Child] = []
 
@@ -847,7 +897,7 @@ def _run(
                 stdin.close()  # the client closes every connection and reports
 
     profiling = bool(
-        settings.profile and plan.target == "meshgw" and v.name == "rate-classic"
+        settings.profile and plan.target == peers.SUBJECT and v.name == "rate-classic"
     ) and (plan.repeat == 1)
     port = proxy.port if proxy.child else backend.ports[v.backend]
     argv = _client_argv(settings, plan, port)
@@ -873,9 +923,14 @@ def _run(
         record["profile"] = profile_top(settings.profile)
     record["client"] = client
     if "start" in samples and "end" in samples:
-        t0, p0, b0 = samples["start"]
-        t1, p1, b1 = samples["end"]
+        t0, p0, b0, m0 = samples["start"]
+        t1, p1, b1, m1 = samples["end"]
         record["proxy"]["cpu_s"] = p1 - p0 if proxy.child else None
+        record["machine"] = {
+            "cpu_s": m1 - m0,
+            "cpus": os.cpu_count() or 1,
+            "others_cpu_s": others_cpu_between(others["start"], others["end"]),
+        }
         record["load"]["backend_cpu_s"] = b1 - b0
         record["load"]["client_cpu_s"] = client["cpu_s"]
         record["load"]["cpu_s"] = client["cpu_s"] + (b1 - b0)
@@ -891,3 +946,7 @@ def _run(
     load_frac = record["load"]["cpu_s"] / window / record["load"]["cpus"] if window else 0.0
     # The load side, not the proxy, was the limit: its core was busy while the proxy had room.
     record["load_bound"] = bool(load_frac >= 0.9 and (proxy_frac is None or proxy_frac < 0.9))
+    machine = record["machine"]
+    others_frac = machine["others_cpu_s"] / window / machine["cpus"] if window else 0.0
+    # Other work ran on the machine meanwhile: its CPU is in the whole machine's figures.
+    record["shared"] = others_frac >= SHARED_FRACTION
