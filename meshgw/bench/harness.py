@@ -113,21 +113,44 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-# /proc/stat's first line: "cpu user nice system idle iowait irq softirq steal guest guest_nice",
-# in clock ticks summed over every CPU. Busy is all but idle and iowait; guest time is already
-# inside user and nice.
+@dataclass(frozen=True)
+class MachineSample:
+    """The whole machine's CPU counters (/proc/stat, every CPU) at one moment."""
+
+    when: float  # time.monotonic() of the read
+    cpus: int  # CPUs online, each with its own line in /proc/stat
+    idle_s: float  # idle + iowait of every CPU since boot
+    busy_fields_s: float  # user + nice + system + irq + softirq + steal since boot
+
+
+# /proc/stat: "cpu user nice system idle iowait irq softirq steal guest guest_nice" in clock
+# ticks, summed over the CPUs; guest time is already inside user and nice.
+_IDLE_FIELDS = (3, 4)
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
 
 
-def machine_cpu_seconds() -> float:
-    """CPU time the whole machine (every CPU, every process, the kernel) has been busy.
-
-    The kernel's own share counts: softirq work, such as the loopback receive path that runs on
-    the sending CPU, is charged to no process.
-    """
+def machine_sample() -> MachineSample:
     with open("/proc/stat") as stat:
-        fields = stat.readline().split()[1:]
-    return sum(int(fields[i]) for i in _BUSY_FIELDS if i < len(fields)) / CLK_TCK
+        lines = stat.read().splitlines()
+    fields = [int(n) for n in lines[0].split()[1:]]
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return MachineSample(
+        when=time.monotonic(),
+        cpus=cpus,
+        idle_s=sum(fields[i] for i in _IDLE_FIELDS) / CLK_TCK,
+        busy_fields_s=sum(fields[i] for i in _BUSY_FIELDS if i < len(fields)) / CLK_TCK,
+    )
+
+
+def machine_busy(start: MachineSample, end: MachineSample) -> float:
+    """CPU seconds the whole machine (every CPU, every process, the kernel) was not idle.
+
+    Every CPU's time minus its idle and iowait: user, nice, system, irq, softirq and steal. It
+    is counted from the idle side because a tickless kernel measures idle periods exactly but
+    samples the busy kinds at its ticks, which fall in idle between the short bursts of
+    request/response work: summing the busy fields missed a third of a ping-pong's CPU here.
+    """
+    return max(0.0, (end.when - start.when) * end.cpus - (end.idle_s - start.idle_s))
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -872,13 +895,15 @@ def _run(
     pids = proxy.pids()
     if proxy.child:
         record["proxy"]["rss_before"] = rss_bytes(pids)
-    samples: dict[str, tuple[float, float, float, float]] = {}
+    samples: dict[str, tuple[float, float, float]] = {}
+    machine_at: dict[str, MachineSample] = {}
     others: dict[str, dict[int, int]] = {}
 
     def sample(name: str) -> None:
         now = time.monotonic()
         proxy_cpu = cpu_seconds(proxy.pids()) if proxy.child else 0.0
-        samples[name] = (now, proxy_cpu, cpu_seconds([backend.pid]), machine_cpu_seconds())
+        samples[name] = (now, proxy_cpu, cpu_seconds([backend.pid]))
+        machine_at[name] = machine_sample()
         others[name] = others_cpu_ticks(os.getpid())  # last: the slowest, a /proc scan
 
     spy: list[Child] = []
@@ -923,12 +948,15 @@ def _run(
         record["profile"] = profile_top(settings.profile)
     record["client"] = client
     if "start" in samples and "end" in samples:
-        t0, p0, b0, m0 = samples["start"]
-        t1, p1, b1, m1 = samples["end"]
+        t0, p0, b0 = samples["start"]
+        t1, p1, b1 = samples["end"]
         record["proxy"]["cpu_s"] = p1 - p0 if proxy.child else None
+        m0, m1 = machine_at["start"], machine_at["end"]
         record["machine"] = {
-            "cpu_s": m1 - m0,
-            "cpus": os.cpu_count() or 1,
+            "cpu_s": machine_busy(m0, m1),
+            "cpus": m1.cpus,
+            "window_s": m1.when - m0.when,
+            "busy_fields_s": m1.busy_fields_s - m0.busy_fields_s,  # tick-sampled: for reference
             "others_cpu_s": others_cpu_between(others["start"], others["end"]),
         }
         record["load"]["backend_cpu_s"] = b1 - b0

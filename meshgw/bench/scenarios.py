@@ -138,9 +138,10 @@ def compute(variant: Variant, run: dict[str, Any]) -> dict[str, float]:
         out["proxy_cpu_pct"] = 100 * proxy_cpu / window / run["proxy"]["cpus"]
     if window:
         out["load_cpu_pct"] = 100 * run["load"]["cpu_s"] / window / run["load"]["cpus"]
-    if machine_cpu is not None and window and variant.scenario != "syscalls":
-        out["machine_cpu_pct"] = 100 * machine_cpu / window / machine["cpus"]
-        out["others_cpu_pct"] = 100 * machine["others_cpu_s"] / window / machine["cpus"]
+    if machine_cpu is not None and machine.get("window_s") and variant.scenario != "syscalls":
+        share = 100 / machine["window_s"] / machine["cpus"]  # of all CPUs, over its own window
+        out["machine_cpu_pct"] = machine_cpu * share
+        out["others_cpu_pct"] = machine["others_cpu_s"] * share
     lat = client.get("lat_ns", {})
     if variant.scenario == "rate":
         done = client["completed_window"]
