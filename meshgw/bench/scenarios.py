@@ -75,13 +75,13 @@ class Figure:
 
 
 # Where the CPU went during the window: the proxy's share of its CPUs, the load generator's and
-# backend's of theirs, the whole machine's busy share of all its CPUs, and in that the share of
-# processes that are not the bench's (other work on a shared machine).
+# backend's of theirs, the whole machine's busy share of all its CPUs. (The share of processes
+# that are not the bench's, `others_cpu_pct`, is in the JSON; the table marks runs where it
+# mattered with ‡ rather than comparing that noise across targets.)
 _SHARES = (
     Figure("proxy_cpu_pct", "proxy CPU", "%", False, digits=0),
     Figure("load_cpu_pct", "load CPU", "%", False, digits=0),
     Figure("machine_cpu_pct", "machine CPU", "% of all CPUs", False, digits=0),
-    Figure("others_cpu_pct", "other processes' CPU", "% of all CPUs", False, digits=0),
 )
 
 FIGURES: dict[str, tuple[Figure, ...]] = {
