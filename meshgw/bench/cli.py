@@ -212,7 +212,7 @@ def bench_command(
     (meshgw-splice...; plain meshgw is its default mode). Prints the ratio of meshgw to each
     other target per figure, CPU both the proxy's own and the whole machine's; † marks medians
     where a run was load-bound (the load side, not the proxy, was the limit: compare the
-    CPU-normalised figures there).
+    CPU-normalised figures there), ‡ those where other processes were busy on the machine.
     """
     if plot_path and not _can_plot():  # before anything runs, not after an hour of runs
         click.echo(f"meshgw bench: --plot needs matplotlib: {PLOT_NEEDS}", err=True)
