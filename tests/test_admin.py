@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from meshgw.admin import AdminServer, AdminViews
+from meshgw.bench.hellos import python_hello
 from tests.conftest import WAIT, connect, recv_all
-from tests.hellos import python_hello
 
 
 async def _metrics() -> bytes:

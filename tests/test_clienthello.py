@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshgw.bench import hellos as H
 from meshgw.wire.clienthello import (
     DEFAULT_MAX_HELLO_BYTES,
     MAX_RECORD_PAYLOAD,
@@ -21,16 +22,16 @@ from meshgw.wire.clienthello import (
 )
 
 try:  # tests/ as a package, or tests/ on sys.path (pytest's rootdir-less "prepend" mode)
-    from tests import hellos as H
+    from tests import hellos as T
 except ImportError:  # pragma: no cover - depends on how pytest was started
-    import hellos as H  # type: ignore[no-redef]
+    import hellos as T  # type: ignore[no-redef]
 
-TD = H.TRUST_DOMAIN
+TD = T.TRUST_DOMAIN
 TLS12 = ssl.TLSVersion.TLSv1_2
 TLS13 = ssl.TLSVersion.TLSv1_3
 CCS = H.record(0x14, b"\x01", b"\x03\x03")  # a pipelined ChangeCipherSpec (middlebox compat)
 
-needs_openssl = pytest.mark.skipif(not H.have_openssl(), reason="openssl CLI not installed")
+needs_openssl = pytest.mark.skipif(not T.have_openssl(), reason="openssl CLI not installed")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ CASES = [
     ),
     Case(
         "openssl-default-gossip",
-        lambda: H.openssl_hello("server.dc1.consul", ("consul/wan-gossip/packet",)),
+        lambda: T.openssl_hello("server.dc1.consul", ("consul/wan-gossip/packet",)),
         "server.dc1.consul",
         ("consul/wan-gossip/packet",),
         supported_versions=(0x0304, 0x0303, 0x0302, 0x0301),
@@ -101,7 +102,7 @@ CASES = [
     ),
     Case(
         "openssl-tls12",
-        lambda: H.openssl_hello(
+        lambda: T.openssl_hello(
             "consul-server-1.server.dc1.consul", ("consul/raft",), ("-tls1_2",)
         ),
         "consul-server-1.server.dc1.consul",
@@ -111,7 +112,7 @@ CASES = [
     ),
     Case(
         "openssl-tls13-p521",
-        lambda: H.openssl_hello(
+        lambda: T.openssl_hello(
             f"dc2.internal.{TD}", ("h2", "http/1.1"), ("-tls1_3", "-groups", "P-521:X25519")
         ),
         f"dc2.internal.{TD}",
@@ -142,7 +143,7 @@ CASES = [
     ),
     Case(
         "openssl-padded-2.5k",
-        lambda: H.padded_to(H.openssl_hello("server.dc1.consul", ("consul/rpc-multi",)), 2500),
+        lambda: H.padded_to(T.openssl_hello("server.dc1.consul", ("consul/rpc-multi",)), 2500),
         "server.dc1.consul",
         ("consul/rpc-multi",),
         supported_versions=(0x0304, 0x0303, 0x0302, 0x0301),
@@ -679,4 +680,4 @@ def test_fuzz_reframed_always_same_hello(sizes: list[int], trailer: bytes, cuts:
     data = H.reframe(_POOL[4], sizes)
     expected = replace(parse_client_hello(_POOL[4]), length=len(data))  # type: ignore[type-var]
     reader = ClientHelloReader()
-    assert H.feed_in_pieces(reader, data + trailer, cuts) == expected
+    assert T.feed_in_pieces(reader, data + trailer, cuts) == expected

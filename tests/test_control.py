@@ -13,12 +13,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from meshgw.bench.hellos import python_hello
 from meshgw.control import discovery
 from meshgw.control.registrar import GatewayRegistration, Registrar
 from meshgw.simconsul import GATEWAY_BODY, AclToken
 from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
 from tests.hellos import TRUST_DOMAIN as TD
-from tests.hellos import python_hello
 
 TOKEN = "3f1c9b6e-0d2a-4c57-9e43-8b2f6d1a7c55"
 

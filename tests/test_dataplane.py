@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from meshgw.bench.hellos import padded_to, python_hello, reframe, with_mlkem_key_share
 from meshgw.dataplane import splice
 from meshgw.dataplane.budget import (
     MAX_AUTO_CONNECTIONS,
@@ -41,7 +42,6 @@ from tests.conftest import (
     stream,
 )
 from tests.hellos import TRUST_DOMAIN as TD
-from tests.hellos import padded_to, python_hello, reframe, with_mlkem_key_share
 
 
 def metric(admin_port: int, name: str, **labels: str) -> float:

@@ -1,9 +1,10 @@
 """The packaging, as far as it can be checked without building an image.
 
-The wheel builds and installs, with its dependencies, into a fresh virtualenv; the Dockerfile's
-ENTRYPOINT, run from that virtualenv with the environment the Dockerfile sets, starts a gateway
-that answers /healthz, and so does the Dockerfile's HEALTHCHECK command. The examples (TOML,
-Kubernetes env, systemd unit) load as meshgw settings and agree with its defaults.
+The wheel builds and installs, with its dependencies, into a fresh virtualenv, where
+`meshgw bench` finds the peer configurations it ships; the Dockerfile's ENTRYPOINT, run from that
+virtualenv with the environment the Dockerfile sets, starts a gateway that answers /healthz, and
+so does the Dockerfile's HEALTHCHECK command. The examples (TOML, Kubernetes env, systemd unit)
+load as meshgw settings and agree with its defaults.
 """
 
 from __future__ import annotations
@@ -196,6 +197,24 @@ def test_wheel_installs_with_its_console_script(installed: Installed, tmp_path: 
     for command in (["run", "--help"], ["demo", "--help"], ["tls", "--help"]):
         helped = run([str(installed.bin / "meshgw"), *command], WAIT, env=installed.env())
         assert helped.returncode == 0, helped.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_installed_bench_finds_its_peer_configurations(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """From any folder, with no peer on PATH: each peer is skipped as not installed."""
+    out = tmp_path / "bench.json"
+    env = installed.env({"PATH": str(installed.bin)})  # the venv only: no peer, no cc
+    bench = [str(installed.bin / "meshgw"), "bench", "--scenarios", "rate-classic"]
+    bench += ["--duration", "0.2", "--repeat", "1", "--against", "haproxy,nginx,envoy,sniproxy"]
+    done = run([*bench, "--json", str(out)], 120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    notes = json.loads(out.read_text())["notes"]
+    for peer in ("haproxy", "nginx", "envoy", "sniproxy"):
+        assert any(n.startswith(f"{peer} skipped: {peer} is not installed") for n in notes), notes
+    assert not any("no configuration" in n for n in notes), notes
 
 
 @dataclass

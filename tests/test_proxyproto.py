@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshgw.bench import hellos as H
 from meshgw.wire.clienthello import Hello, parse_client_hello
 from meshgw.wire.proxyproto import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -29,11 +30,7 @@ from meshgw.wire.proxyproto import (
     Transport,
     parse_proxy_header,
 )
-
-try:  # tests/ as a package, or tests/ on sys.path (pytest's rootdir-less "prepend" mode)
-    from tests import hellos as H
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    import hellos as H  # type: ignore[no-redef]
+from tests.hellos import feed_in_pieces
 
 LOCAL, PROXY = Command.LOCAL, Command.PROXY
 TCP4, TCP6, UNIX, UNSPEC = Transport.TCP4, Transport.TCP6, Transport.UNIX, Transport.UNSPEC
@@ -725,7 +722,7 @@ def test_fuzz_plausible_v2(
 def test_fuzz_well_formed_tlvs_always_read(tlvs: list[bytes], cuts: list[int]) -> None:
     data = v2(0x21, 0x11, A4 + b"".join(tlvs))
     reader = ProxyHeaderReader()
-    header = H.feed_in_pieces(reader, data + HELLO, cuts)  # type: ignore[arg-type]
+    header = feed_in_pieces(reader, data + HELLO, cuts)  # type: ignore[arg-type]
     assert isinstance(header, ProxyHeader) and header.length == len(data)
     assert [bytes((t.type,)) + struct.pack(">H", len(t.value)) + t.value for t in header.tlvs] == (
         tlvs

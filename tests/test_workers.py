@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from meshgw.bench.hellos import python_hello
 from meshgw.metrics import merge_metrics
 from tests.conftest import WAIT, connect, eventually, recv_all
-from tests.hellos import python_hello
 
 
 def test_merge_metrics_sums_samples_and_labels_process_families() -> None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,12 @@ import click
 
 from meshgw import __version__
 from meshgw.bench import harness, peers, report, scenarios
+
+PLOT_NEEDS = "pip install 'meshgw[bench]'"
+SHARED_NOTE = (
+    "‡ during a run of this median, processes other than the bench's used ≥ "
+    f"{harness.SHARED_FRACTION:.0%} of all CPUs: the machine CPU figures include their work."
+)
 
 
 def _cpu_model() -> str:
@@ -33,6 +40,39 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _choose_targets(
+    against: str, config_dir: Traversable, notes: list[str]
+) -> tuple[list[str], dict[str, peers.Peer]]:
+    """The subject first, then what `--against` names and is here to run; peers found."""
+    known = peers.targets()
+    wanted = [t.strip() for t in against.split(",") if t.strip() and t.strip() != peers.SUBJECT]
+    unknown = [t for t in wanted if t not in known]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(known[1:])}",
+            param_hint="--against",
+        )
+    targets = [peers.SUBJECT]
+    found: dict[str, peers.Peer] = {}
+    for name in dict.fromkeys(wanted):
+        if peers.is_peer(name):
+            peer = peers.find_peer(name, config_dir)
+            if isinstance(peer, str):
+                notes.append(f"{name} skipped: {peer}")
+                continue
+            found[name] = peer
+        targets.append(name)
+    return targets, found
+
+
 def _loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -41,10 +81,13 @@ def _loadavg() -> str:
 
 
 def _pinning(proxy: str, load: str, notes: list[str]) -> tuple[list[int] | None, list[int] | None]:
-    try:
-        proxy_cpus, load_cpus = harness.parse_cpus(proxy), harness.parse_cpus(load)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+    parsed: dict[str, list[int]] = {}
+    for option, text in (("--proxy-cpus", proxy), ("--load-cpus", load)):
+        try:
+            parsed[option] = harness.parse_cpus(text)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint=option) from None
+    proxy_cpus, load_cpus = parsed["--proxy-cpus"], parsed["--load-cpus"]
     usable = os.sched_getaffinity(0)
     missing = sorted((set(proxy_cpus) | set(load_cpus)) - usable)
     if missing:
@@ -75,9 +118,10 @@ def _pinning(proxy: str, load: str, notes: list[str]) -> tuple[list[int] | None,
 )
 @click.option(
     "--against",
-    default="direct," + ",".join(peers.PEERS),
+    default=",".join(peers.targets()[1:]),
     show_default=True,
-    help="What meshgw is compared with: direct (no proxy) and peers; absent peers are skipped.",
+    help="What meshgw (its default pump mode) is compared with: meshgw in each other pump mode, "
+    "direct (no proxy) and peers; absent peers are skipped.",
 )
 @click.option(
     "--proxy-cpus",
@@ -99,13 +143,6 @@ def _pinning(proxy: str, load: str, notes: list[str]) -> tuple[list[int] | None,
     default=1,
     show_default=True,
     help="Passed to `meshgw run --workers N`.",
-)
-@click.option(
-    "--pump",
-    type=click.Choice(["auto", "splice", "userspace"]),
-    default="auto",
-    show_default=True,
-    help="Passed to `meshgw run --pump`.",
 )
 @click.option(
     "--idle-connections",
@@ -131,7 +168,7 @@ def _pinning(proxy: str, load: str, notes: list[str]) -> tuple[list[int] | None,
     "--plot",
     "plot_path",
     type=click.Path(dir_okay=False),
-    help="Draw the main figures as a PNG (needs matplotlib).",
+    help=f"Draw the main figures as a PNG (needs matplotlib: {PLOT_NEEDS}).",
 )
 @click.option(
     "--markdown",
@@ -142,7 +179,7 @@ def _pinning(proxy: str, load: str, notes: list[str]) -> tuple[list[int] | None,
 @click.option(
     "--configs",
     type=click.Path(file_okay=False, exists=True),
-    help="Folder of the peer configuration templates [bench/peers].",
+    help="Folder of the peer configuration templates [the ones shipped with meshgw].",
 )
 @click.option(
     "--profile",
@@ -159,7 +196,6 @@ def bench_command(
     proxy_cpus: str,
     load_cpus: str,
     workers: int,
-    pump: str,
     idle_connections: int,
     syscall_connections: int,
     json_path: str | None,
@@ -172,10 +208,15 @@ def bench_command(
     """Measure meshgw against direct loopback and peer SNI routers.
 
     A C load generator and backend (compiled on first use with `cc`) drive each scenario; the
-    proxy and the load run pinned to separate CPUs. Prints the ratio of meshgw to each peer per
-    figure; † marks medians where a run was load-bound (the load side, not the proxy, was the
-    limit: compare the CPU-normalised figures there).
+    proxy and the load run pinned to separate CPUs. meshgw runs once per pump mode
+    (meshgw-splice...; plain meshgw is its default mode). Prints the ratio of meshgw to each
+    other target per figure, CPU both the proxy's own and the whole machine's; † marks medians
+    where a run was load-bound (the load side, not the proxy, was the limit: compare the
+    CPU-normalised figures there), ‡ those where other processes were busy on the machine.
     """
+    if plot_path and not _can_plot():  # before anything runs, not after an hour of runs
+        click.echo(f"meshgw bench: --plot needs matplotlib: {PLOT_NEEDS}", err=True)
+        sys.exit(2)
     if duration <= 0 or duration > 600:
         raise click.BadParameter("must be in (0, 600]", param_hint="--duration")
     notes: list[str] = []
@@ -185,32 +226,13 @@ def bench_command(
         )
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--scenarios") from None
-    wanted = [t.strip() for t in against.split(",") if t.strip() and t.strip() != "meshgw"]
-    unknown = [t for t in wanted if t not in peers.TARGETS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown {', '.join(unknown)}; choose from {', '.join(peers.TARGETS[1:])}",
-            param_hint="--against",
-        )
+    config_dir = Path(configs) if configs else peers.default_config_dir()
+    targets, found = _choose_targets(against, config_dir, notes)
     proxy_set, load_set = _pinning(proxy_cpus, load_cpus, notes)
     if load_set:
         os.sched_setaffinity(0, load_set)  # this harness is load-side work too
-
-    config_dir = Path(configs) if configs else peers.default_config_dir()
-    targets = ["meshgw"]
-    found: dict[str, peers.Peer] = {}
-    versions: dict[str, str] = {"meshgw": __version__}
-    for name in dict.fromkeys(wanted):
-        if name == "direct":
-            targets.append(name)
-            continue
-        peer = peers.find_peer(name, config_dir)
-        if isinstance(peer, str):
-            notes.append(f"{name} skipped: {peer}")
-            continue
-        found[name] = peer
-        versions[name] = peer.version
-        targets.append(name)
+    pumps = {t: mode for t, mode in peers.meshgw_targets().items() if t in targets}
+    versions = {**{t: __version__ for t in pumps}, **{n: p.version for n, p in found.items()}}
     if any(v.scenario == "syscalls" for v in variants) and shutil.which("strace") is None:
         notes.append("syscalls skipped: strace is not installed (apt-get install strace)")
         variants = [v for v in variants if v.scenario != "syscalls"]
@@ -227,9 +249,9 @@ def bench_command(
         workdir=workdir,
         proxy_cpus=proxy_set,
         load_cpus=load_set,
-        pump=pump,
         workers=workers,
         peers=found,
+        pumps=pumps,
         profile=Path(profile_path).resolve() if profile_path else None,
     )
     plans = [
@@ -238,7 +260,7 @@ def bench_command(
         for v in variants
         for t in targets
         # direct has no proxy to measure memory or system calls of; one trace is enough
-        if not (t == "direct" and v.scenario in ("idle", "syscalls"))
+        if not (t == peers.DIRECT and v.scenario in ("idle", "syscalls"))
         and not (v.scenario == "syscalls" and r > 1)
     ]
     meta: dict[str, Any] = {
@@ -254,7 +276,7 @@ def bench_command(
         "load_cpus": load_set,
         "duration_s": duration,
         "repeat": repeat,
-        "pump": pump,
+        "pump_modes": pumps,
         "workers": workers,
         "hello_bytes": {
             "classic": settings.hellos.size("reply", "classic"),
@@ -278,6 +300,12 @@ def bench_command(
             progress.done(run)
     except KeyboardInterrupt:
         progress.note("interrupted: reporting the runs so far")
+    finally:
+        # An interrupt can cut a run short between starting a child and handing it to the
+        # code that stops it: stop and reap whatever is left, so none outlives the bench.
+        left = harness.stop_all()
+    if left:
+        progress.note(f"stopped at exit: {', '.join(left)}")
     meta["loadavg_end"] = _loadavg()
 
     summary = report.summarise(runs)
@@ -286,7 +314,7 @@ def bench_command(
     main_table = report.table(summary, targets)
     sys_table = report.syscall_table(breakdown, targets)
     failed = [r for r in runs if not r["ok"]]
-    out = [main_table, "", "† a run of this median was load-bound.", ""]
+    out = [main_table, "", "† a run of this median was load-bound.", SHARED_NOTE, ""]
     for run in runs:
         if run.get("profile"):
             samples = run["profile"]["samples"]

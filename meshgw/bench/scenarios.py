@@ -74,34 +74,45 @@ class Figure:
     digits: int = 1
 
 
+# Where the CPU went during the window: the proxy's share of its CPUs, the load generator's and
+# backend's of theirs, the whole machine's busy share of all its CPUs. (The share of processes
+# that are not the bench's, `others_cpu_pct`, is in the JSON; the table marks runs where it
+# mattered with ‡ rather than comparing that noise across targets.)
+_SHARES = (
+    Figure("proxy_cpu_pct", "proxy CPU", "%", False, digits=0),
+    Figure("load_cpu_pct", "load CPU", "%", False, digits=0),
+    Figure("machine_cpu_pct", "machine CPU", "% of all CPUs", False, digits=0),
+)
+
 FIGURES: dict[str, tuple[Figure, ...]] = {
     "rate": (
         Figure("conn_s", "conn/s", "conn/s", True, main=True, digits=0),
         Figure("cpu_us_per_conn", "proxy CPU per conn", "µs", False, main=True),
+        Figure("machine_cpu_us_per_conn", "machine CPU per conn", "µs", False, main=True),
         Figure("lat_p50_ms", "latency p50", "ms", False, digits=2),
         Figure("lat_p99_ms", "latency p99", "ms", False, digits=2),
-        Figure("proxy_cpu_pct", "proxy CPU", "%", False, digits=0),
-        Figure("load_cpu_pct", "load CPU", "%", False, digits=0),
+        *_SHARES,
     ),
     "bulk": (
         Figure("gbit_s", "throughput", "Gbit/s", True, main=True, digits=2),
         Figure("cpu_s_per_gb", "proxy CPU per GB", "s/GB", False, main=True, digits=3),
-        Figure("proxy_cpu_pct", "proxy CPU", "%", False, digits=0),
-        Figure("load_cpu_pct", "load CPU", "%", False, digits=0),
+        Figure("machine_cpu_s_per_gb", "machine CPU per GB", "s/GB", False, main=True, digits=3),
+        *_SHARES,
     ),
     "rr": (
         Figure("req_s", "req/s", "req/s", True, main=True, digits=0),
         Figure("cpu_us_per_req", "proxy CPU per req", "µs", False),
+        Figure("machine_cpu_us_per_req", "machine CPU per req", "µs", False),
         Figure("p50_us", "p50", "µs", False),
         Figure("p90_us", "p90", "µs", False),
         Figure("p99_us", "p99", "µs", False, main=True),
         Figure("p999_us", "p99.9", "µs", False),
-        Figure("proxy_cpu_pct", "proxy CPU", "%", False, digits=0),
-        Figure("load_cpu_pct", "load CPU", "%", False, digits=0),
+        *_SHARES,
     ),
     "idle": (
         Figure("kib_per_conn", "memory per idle conn", "KiB", False, main=True, digits=2),
         Figure("cpu_us_per_conn", "proxy CPU per conn set-up", "µs", False),
+        Figure("machine_cpu_us_per_conn", "machine CPU per conn set-up", "µs", False),
         Figure("held", "connections held", "", True, digits=0),
     ),
     "syscalls": (
@@ -120,11 +131,17 @@ def compute(variant: Variant, run: dict[str, Any]) -> dict[str, float]:
     client = run["client"]
     window = client["window_s"] or 0.0
     proxy_cpu = run["proxy"].get("cpu_s")
+    machine = run.get("machine", {})
+    machine_cpu = machine.get("cpu_s")
     out: dict[str, float] = {}
     if proxy_cpu is not None and window:
         out["proxy_cpu_pct"] = 100 * proxy_cpu / window / run["proxy"]["cpus"]
     if window:
         out["load_cpu_pct"] = 100 * run["load"]["cpu_s"] / window / run["load"]["cpus"]
+    if machine_cpu is not None and machine.get("window_s") and variant.scenario != "syscalls":
+        share = 100 / machine["window_s"] / machine["cpus"]  # of all CPUs, over its own window
+        out["machine_cpu_pct"] = machine_cpu * share
+        out["others_cpu_pct"] = machine["others_cpu_s"] * share
     lat = client.get("lat_ns", {})
     if variant.scenario == "rate":
         done = client["completed_window"]
@@ -132,6 +149,8 @@ def compute(variant: Variant, run: dict[str, Any]) -> dict[str, float]:
             out["conn_s"] = done / window
         if proxy_cpu is not None and done:
             out["cpu_us_per_conn"] = proxy_cpu * 1e6 / done
+        if machine_cpu is not None and done:
+            out["machine_cpu_us_per_conn"] = machine_cpu * 1e6 / done
         if lat.get("n"):
             out["lat_p50_ms"] = lat["p50"] / 1e6
             out["lat_p99_ms"] = lat["p99"] / 1e6
@@ -141,12 +160,16 @@ def compute(variant: Variant, run: dict[str, Any]) -> dict[str, float]:
             out["gbit_s"] = moved * 8 / window / 1e9
         if proxy_cpu is not None and moved:
             out["cpu_s_per_gb"] = proxy_cpu / (moved / 1e9)
+        if machine_cpu is not None and moved:
+            out["machine_cpu_s_per_gb"] = machine_cpu / (moved / 1e9)
     elif variant.scenario == "rr":
         done = client["completed_window"]
         if window:
             out["req_s"] = done / window
         if proxy_cpu is not None and done:
             out["cpu_us_per_req"] = proxy_cpu * 1e6 / done
+        if machine_cpu is not None and done:
+            out["machine_cpu_us_per_req"] = machine_cpu * 1e6 / done
         if lat.get("n"):
             for key in ("p50", "p90", "p99", "p999"):
                 out[f"{key}_us"] = lat[key] / 1e3
@@ -158,6 +181,8 @@ def compute(variant: Variant, run: dict[str, Any]) -> dict[str, float]:
             out["kib_per_conn"] = (during - before) / held / 1024
         if proxy_cpu is not None and held:
             out["cpu_us_per_conn"] = proxy_cpu * 1e6 / held
+        if machine_cpu is not None and held:
+            out["machine_cpu_us_per_conn"] = machine_cpu * 1e6 / held
     elif variant.scenario == "syscalls":
         calls = run.get("syscalls", {})
         done = client["completed"]

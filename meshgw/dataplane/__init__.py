@@ -1,0 +1,5 @@
+"""The data plane: listeners, flows, the pumps that move bytes, the worker processes."""
+
+# Every `--pump` mode the data plane offers, its default first. `meshgw bench` measures meshgw
+# once per mode listed here: a new mode becomes a bench target by being added.
+PUMP_MODES = ("auto", "splice", "userspace")
