@@ -25,6 +25,7 @@ from typing import Any
 
 from meshgw.addresses import Address, is_ip, parse_address
 from meshgw.cpus import available_cpus
+from meshgw.dataplane import PUMP_MODES
 from meshgw.durations import go_duration, parse_duration
 from meshgw.topology import (
     DEFAULT_PARTITION,
@@ -378,7 +379,7 @@ class Settings:
     )
     pump: str = setting(
         "auto",
-        choice("auto", "splice", "userspace"),
+        choice(*PUMP_MODES),
         "How bytes move: splice (kernel zero-copy), userspace, or auto.",
         restart=True,
     )
