@@ -74,9 +74,13 @@ def test_every_setting_has_one_name(spec, tmp_path) -> None:
     assert getattr(from_flag, name) != getattr(Settings.load(base), name)
 
 
+TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
 BASES = {
     "dc": {"consul": "http://127.0.0.1:8500"},
     "primary_gateway": {"dc": "dc1", "primary_dc": "dc0"},
+    "peering_server": {"dc": "dc1", "trust_domain": TD},
+    "peer_export": {"dc": "dc1", "trust_domain": TD},
+    "proxy_protocol": {"dc": "dc1", "proxy_protocol_from": "10.0.0.0/8"},
 }
 SAMPLES: dict[str, str | list[str]] = {
     "dc": "dc9",
@@ -88,6 +92,13 @@ SAMPLES: dict[str, str | list[str]] = {
     "server": ["n1=10.0.0.1:8300"],
     "gateway": ["dc2=10.2.0.1:443"],
     "service": ["web=10.0.1.1:20000"],
+    "peering_server": ["10.0.0.1:8503"],
+    "peer_server": [f"server.dc9.peering.{TD}=192.0.2.9:443"],
+    "peer_export": ["web=cluster-02"],
+    "peer_import": [f"pay.default.default.cluster-01.external.{TD}=192.0.2.7:443"],
+    "service_watch_limit": "64",
+    "proxy_protocol": "accept",
+    "proxy_protocol_from": ["10.0.0.0/8"],
     "hello_timeout": "3s",
     "connect_timeout": "2s",
     "idle_timeout": "1h",

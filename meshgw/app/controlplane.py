@@ -76,6 +76,8 @@ class ControlPlane:
             datacenter=settings.dc,
             expose_servers=settings.expose_servers,
             gateway_service=settings.service_name,
+            gateway_id=settings.proxy_id,
+            service_watch_limit=settings.service_watch_limit,
             on_health=health,
         )
         self.tasks.append(loop.create_task(self.discovery.run()))
@@ -108,13 +110,7 @@ class ControlPlane:
             self.registrar.replace(self.registration(settings))
 
     def watch_status(self) -> dict[str, Any]:
-        if self.discovery is None:
-            return {}
-        return {
-            "address": self.discovery.client.config.address,
-            "indexes": dict(self.discovery.indexes),
-            "sources": self.discovery.status(),
-        }
+        return self.discovery.status() if self.discovery is not None else {}
 
     async def deregister(self) -> None:
         if self.registrar is not None:

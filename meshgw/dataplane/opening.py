@@ -204,7 +204,7 @@ class Opening:
             self._count_failure(error)
         if self.closed:
             return
-        resolved = [Target(endpoint, family, sockaddr) for family, _, _, _, sockaddr in infos]
+        resolved = [Target.of(endpoint, str(sockaddr[0])) for _, _, _, _, sockaddr in infos]
         self.targets[:0] = resolved
         self._connect_next()
 
