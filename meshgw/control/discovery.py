@@ -26,15 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgw.control import catalog
-from meshgw.control.consul import (
-    Backoff,
-    BlockingQuery,
-    ConsulClient,
-    ConsulForbidden,
-    ConsulRequestError,
-    RateLimit,
-    Response,
-)
+from meshgw.control.consul.blocking import Backoff, BlockingQuery, RateLimit
+from meshgw.control.consul.client import ConsulClient, Response
+from meshgw.control.consul.errors import ConsulForbidden, ConsulRequestError
 from meshgw.topology import Endpoint, GatewayKey, ServiceKey, Source, TopologyPart
 
 log = logging.getLogger("meshgw.discovery")

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgw.addresses import hostport
-from meshgw.control.consul import Backoff, ConsulClient, ConsulNotFound, ConsulRequestError
+from meshgw.control.consul.blocking import Backoff
+from meshgw.control.consul.client import ConsulClient
+from meshgw.control.consul.errors import ConsulNotFound, ConsulRequestError
 from meshgw.durations import go_duration
 
 log = logging.getLogger("meshgw.registrar")
