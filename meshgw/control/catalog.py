@@ -17,6 +17,8 @@ from typing import Any
 
 from meshgw.topology import DEFAULT_NAMESPACE, Endpoint, Endpoints, GatewayKey, ServiceKey, Source
 
+# The Meta key (value "1") that marks a mesh gateway as serving WAN federation; meshgw spells it
+# only here.
 WAN_FEDERATION_META = "consul-wan-federation"
 MAX_WEIGHT = 128
 

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from meshgw.control import catalog, central
-from meshgw.control.consul import ConsulClient, ConsulRequestError, Response
+from meshgw.control.consul.client import ConsulClient, Response
+from meshgw.control.consul.errors import ConsulRequestError
 from meshgw.control.local_services import DEFAULT_WATCH_LIMIT, LocalServices
 from meshgw.control.peerings import PeeringWatch
 from meshgw.control.remote_gateways import RemoteGateways

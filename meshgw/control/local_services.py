@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 from meshgw.control import catalog
 from meshgw.control.central import Resolver, Subset, service_resolvers
-from meshgw.control.consul import Response
+from meshgw.control.consul.client import Response
 from meshgw.control.watching import Params, Watches
 from meshgw.topology import ClusterSettings, Endpoints, ServiceKey
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from meshgw.control import catalog, central
-from meshgw.control.consul import Response
+from meshgw.control.consul.client import Response
 from meshgw.control.watching import Params, Watches
 from meshgw.topology import DEFAULT_NAMESPACE, Endpoints, Peering, PeerRoute
 from meshgw.wire.names import peered_service_sni

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgw.addresses import hostport
-from meshgw.control.consul import Backoff, ConsulClient, ConsulNotFound, ConsulRequestError
+from meshgw.control.catalog import WAN_FEDERATION_META
+from meshgw.control.consul.blocking import Backoff
+from meshgw.control.consul.client import ConsulClient
+from meshgw.control.consul.errors import ConsulNotFound, ConsulRequestError
 from meshgw.durations import go_duration
 
 log = logging.getLogger("meshgw.registrar")
 
 DEFAULT_GATEWAY_PORT = 8443
-WAN_FEDERATION_META = {"consul-wan-federation": "1"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class GatewayRegistration:
         if tagged:
             body["TaggedAddresses"] = tagged
         if self.expose_servers:
-            body["Meta"] = dict(WAN_FEDERATION_META)
+            body["Meta"] = {WAN_FEDERATION_META: "1"}
         # Without an address the agent must share the gateway's network namespace (Consul's
         # own comment): the check dials loopback.
         check_host = host or "127.0.0.1"

@@ -16,7 +16,8 @@ import asyncio
 from typing import Any
 
 from meshgw.control import catalog
-from meshgw.control.consul import ConsulRequestError, Response
+from meshgw.control.consul.client import Response
+from meshgw.control.consul.errors import ConsulRequestError
 from meshgw.control.watching import Watches
 from meshgw.topology import Endpoints, GatewayKey
 

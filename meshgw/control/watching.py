@@ -16,15 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgw.control import catalog
-from meshgw.control.consul import (
-    Backoff,
-    BlockingQuery,
-    ConsulClient,
-    ConsulForbidden,
-    ConsulNotFound,
-    RateLimit,
-    Response,
-)
+from meshgw.control.consul.blocking import Backoff, BlockingQuery, RateLimit
+from meshgw.control.consul.client import ConsulClient, Response
+from meshgw.control.consul.errors import ConsulForbidden, ConsulNotFound
 
 log = logging.getLogger("meshgw.discovery")
 

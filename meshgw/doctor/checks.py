@@ -31,7 +31,7 @@ from meshgw.wire.names import (
 )
 
 if TYPE_CHECKING:
-    from meshgw.control.consul import ConsulRequestError
+    from meshgw.control.consul.errors import ConsulRequestError
 
 __all__ = [
     "Check",
@@ -138,14 +138,14 @@ class Failure:
 
     @classmethod
     def of(cls, error: ConsulRequestError) -> Failure:
-        from meshgw.control import consul
+        from meshgw.control.consul import errors
 
         kinds = (
-            (consul.ConsulForbidden, FailureKind.FORBIDDEN),
-            (consul.ConsulNotFound, FailureKind.NOT_FOUND),
-            (consul.ConsulHTTPError, FailureKind.HTTP),
-            (consul.ConsulTimeout, FailureKind.TIMEOUT),
-            (consul.ConsulBadResponse, FailureKind.BAD_RESPONSE),
+            (errors.ConsulForbidden, FailureKind.FORBIDDEN),
+            (errors.ConsulNotFound, FailureKind.NOT_FOUND),
+            (errors.ConsulHTTPError, FailureKind.HTTP),
+            (errors.ConsulTimeout, FailureKind.TIMEOUT),
+            (errors.ConsulBadResponse, FailureKind.BAD_RESPONSE),
         )
         kind = next((k for t, k in kinds if isinstance(error, t)), FailureKind.UNAVAILABLE)
         return cls(

@@ -122,7 +122,8 @@ def doctor_command(
     forwarding, dot-free names and server certificates valid for their names. Exit status: 0
     when nothing failed (skips allowed), 1 when a check failed, 2 for a usage error.
     """
-    from meshgw.control.consul import ConsulConfig, ConsulConfigError
+    from meshgw.control.consul.config import ConsulConfig
+    from meshgw.control.consul.errors import ConsulConfigError
 
     try:
         config = ConsulConfig.from_env(address=consul, token_file=token_file)

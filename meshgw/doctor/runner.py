@@ -41,7 +41,7 @@ from meshgw.doctor.tls import (
 from meshgw.wire.names import DEFAULT_DOMAIN
 
 if TYPE_CHECKING:
-    from meshgw.control.consul import ConsulConfig
+    from meshgw.control.consul.config import ConsulConfig
 
 __all__ = [
     "gather",
@@ -64,7 +64,8 @@ async def gather(
 ) -> list[Check]:
     """Fetch what the checks need and run them; `context` is `tls_context(options)` (None
     when there is no --ca-file). Every request and probe is bounded by options.timeout."""
-    from meshgw.control.consul import ConsulClient, ConsulRequestError
+    from meshgw.control.consul.client import ConsulClient
+    from meshgw.control.consul.errors import ConsulRequestError
 
     results: list[Check] = []
     address = config.address
