@@ -29,6 +29,7 @@ from meshgw.dataplane import PUMP_MODES
 from meshgw.durations import go_duration, parse_duration
 from meshgw.topology import (
     DEFAULT_PARTITION,
+    ClusterSettings,
     Endpoint,
     GatewayKey,
     Peering,
@@ -56,6 +57,7 @@ ENV_INTERNAL_PREFIX = "MESHGW_X_"
 CONFIG_ENV = "MESHGW_CONFIG"
 CONSUL_ADDR_ENV = "CONSUL_HTTP_ADDR"
 DEFAULT_GATEWAY_PORT = 8443  # Consul's default for a mesh gateway (`consul connect envoy`)
+DEFAULT_CONNECT_TIMEOUT = 5.0  # Consul's, when neither settings nor Proxy.Config say
 # A ClientHello with post-quantum key shares takes about 1.8 KB; a cap below this refuses
 # real clients. Above the maximum, a hello is an attack, not a client.
 MIN_HELLO_BYTES = 2048
@@ -435,8 +437,13 @@ class Settings:
     hello_timeout: float = setting(
         10.0, _TIMEOUT, "Time to receive the whole ClientHello.", metavar="DURATION", restart=True
     )
-    connect_timeout: float = setting(
-        5.0, _TIMEOUT, "Time to connect to one upstream.", metavar="DURATION", restart=True
+    connect_timeout: float | None = setting(
+        None,
+        _TIMEOUT,
+        "Time to connect to one upstream; a service-resolver's ConnectTimeout wins for its "
+        "service.",
+        metavar="DURATION",
+        show="Consul's connect_timeout_ms, else 5s",
     )
     idle_timeout: float | None = setting(
         None,
@@ -679,6 +686,8 @@ class Settings:
                 for key, addresses in self.gateway.items()
             },
             services=services,
+            # Given here, it wins over Consul's Proxy.Config (this part comes later).
+            cluster_defaults=ClusterSettings(connect_timeout=self.connect_timeout),
             peering=self._static_peering(services),
         )
 

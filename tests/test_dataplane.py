@@ -363,7 +363,7 @@ def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory):
         gateway=[f"dc2={refused_address()}", f"dc2={server.address}"],
     )
     hello = python_hello("server.dc2.consul")
-    for _ in range(4):  # round robin starts on each endpoint in turn
+    for _ in range(4):  # whichever endpoint comes first, the client gets through
         with connect(gw.port) as client:
             client.sendall(hello)
             client.shutdown(socket.SHUT_WR)
@@ -377,7 +377,8 @@ def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory):
         datacenter="dc2",
         reason="econnrefused",
     )
-    assert failures >= 2
+    # Once refused, the endpoint is tried last for a while (passive health): at least once.
+    assert failures >= 1
 
 
 def test_every_endpoint_down_closes_the_client(gateway_factory):
@@ -696,6 +697,7 @@ def test_no_descriptor_growth_after_thousands_of_mixed_connections(
 def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factory, backend_factory):
     """A connection and its flows go as soon as it closes: no garbage left for the collector,
     whose walks over thousands of connections would cost every connection CPU."""
+    from meshgw.dataplane.dialer import Dialer
     from meshgw.dataplane.opening import Opening
     from meshgw.dataplane.pump import Flow
     from meshgw.dataplane.tunnel import Tunnel
@@ -717,7 +719,7 @@ def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factor
                 assert recv_all(client) == b"hi"
         gw.wait_idle()
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, Opening | Tunnel | Flow)]
+        left = [o for o in gc.garbage if isinstance(o, Opening | Dialer | Tunnel | Flow)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshgw.addresses import Address
-from meshgw.settings import Settings, SettingsError, specs
+from meshgw.settings import DEFAULT_CONNECT_TIMEOUT, Settings, SettingsError, specs
 from tests.conftest import REPO, WAIT
 
 
@@ -21,12 +21,9 @@ def test_defaults_are_the_documented_ones() -> None:
     s = Settings.load({"dc": "dc1"})
     assert s.listen == Address("0.0.0.0", 8443)
     assert s.admin == Address("127.0.0.1", 19100)  # loopback unless told otherwise
-    assert (s.hello_timeout, s.connect_timeout, s.idle_timeout, s.drain_timeout) == (
-        10,
-        5,
-        None,
-        30,
-    )
+    assert (s.hello_timeout, s.idle_timeout, s.drain_delay, s.drain_timeout) == (10, None, 5, 30)
+    # None: Consul's connect_timeout_ms where the gateway's Proxy.Config has it, else 5 s.
+    assert s.connect_timeout is None and DEFAULT_CONNECT_TIMEOUT == 5
     assert s.max_hello_bytes == 65536
     assert s.max_connections is None  # auto: sized from the open-file limit at start
     assert s.expose_servers is False

@@ -149,6 +149,7 @@ class Tunnel:
         up.release()
         down.release()
         stats, route = dp.stats, self.route
+        dp.release(route)
         kind, dc = route.kind.value, route.datacenter
         stats.connections[kind, dc, outcome] += 1
         stats.bytes[kind, dc, "upstream"] += up.bytes
@@ -174,8 +175,10 @@ def log_connection(
     started: float,
     outcome: str,
     detail: str = "",
+    tried: str = "",
 ) -> None:
-    """The access-log line of one connection, whichever phase it ended in."""
+    """The access-log line of one connection, whichever phase it ended in. `tried`: the
+    upstreams that failed before, and their errors."""
     fields = {
         "client": f"{peer[0]}:{peer[1]}" if peer else "",
         "sni": hello.sni if hello else None,
@@ -188,6 +191,8 @@ def log_connection(
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
         "outcome": outcome,
     }
+    if tried:
+        fields["tried"] = tried
     if detail:
         fields["detail"] = detail
     access_log.info("connection", extra={"fields": fields})

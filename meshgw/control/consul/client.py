@@ -67,6 +67,11 @@ _SHAPES: tuple[tuple[re.Pattern[str], type], ...] = tuple(
         (r"^/v1/internal/federation-states/mesh-gateways$", dict),
         (r"^/v1/connect/ca/roots$", dict),
         (r"^/v1/status/leader$", str),
+        (r"^/v1/config/service-resolver$", list),
+        (r"^/v1/config/[^/]+/[^/]+$", dict),
+        (r"^/v1/peerings$", list),
+        (r"^/v1/exported-services$", list),
+        (r"^/v1/discovery-chain/[^/]+$", dict),
     )
 )
 
@@ -97,7 +102,16 @@ def acl_hint(method: str, path: str, body: Any = None) -> str | None:
         return "service:read and node:read (the list is filtered by ACLs)"
     if path.startswith("/v1/internal/federation-state"):
         return "operator:read"
-    return None  # /v1/connect/ca/roots, /v1/status/*, /v1/catalog/datacenters need none
+    if path == "/v1/config/service-resolver":
+        return "service:read (the list is filtered by ACLs)"
+    if path.startswith(("/v1/config/service-defaults/", "/v1/discovery-chain/")):
+        return f'service:read on "{name}"'
+    if path == "/v1/peerings":
+        return "peering:read"
+    if path == "/v1/exported-services":
+        return "mesh:read"
+    # /v1/connect/ca/roots, /v1/status/*, /v1/catalog/datacenters and the mesh entry need none
+    return None
 
 
 def _no_answer(exc: aiohttp.ClientError | ssl.SSLError, address: str, request: str) -> str:
