@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -104,7 +105,7 @@ def test_dockerfile_shape(dockerfile: str) -> None:
     assert user and user[-1].split(":")[0] not in ("0", "root"), "the image must not run as root"
     assert ("EXPOSE", "8443") in steps
     assert exec_form(dockerfile, "ENTRYPOINT") == ["meshgw", "run"]
-    assert "/healthz" in " ".join(exec_form(dockerfile, "HEALTHCHECK"))
+    assert exec_form(dockerfile, "HEALTHCHECK") == ["meshgw", "health", "--pid", "1"]
     assert keywords.index("USER") < keywords.index("ENTRYPOINT")
     for keyword, rest in steps:  # everything copied exists and is let through .dockerignore
         if keyword == "COPY":
@@ -231,9 +232,10 @@ def entrypoint(installed: Installed, dockerfile: str, tmp_path: Path) -> Iterato
             **dockerfile_env(dockerfile),
             "MESHGW_DC": "dc1",
             # The image's ports are the container's own; on a shared test machine the kernel
-            # picks free ones instead.
+            # picks a free one for the listener, and the admin port is one found free (the
+            # health check needs a port it can read from the settings).
             "MESHGW_LISTEN": "127.0.0.1:0",
-            "MESHGW_ADMIN": "127.0.0.1:0",
+            "MESHGW_ADMIN": f"127.0.0.1:{free_port()}",
         }
     )
     proc = subprocess.Popen(
@@ -264,6 +266,19 @@ def entrypoint(installed: Installed, dockerfile: str, tmp_path: Path) -> Iterato
             proc.stderr.close()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def healthcheck_for(dockerfile: str, pid: int) -> list[str]:
+    """The HEALTHCHECK command, with the entrypoint's PID where the container has PID 1."""
+    command = exec_form(dockerfile, "HEALTHCHECK")
+    assert command == ["meshgw", "health", "--pid", "1"]
+    return [*command[:-1], str(pid)]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_entrypoint_answers_healthz_and_the_healthcheck_passes(
@@ -272,14 +287,16 @@ def test_entrypoint_answers_healthz_and_the_healthcheck_passes(
     with urllib.request.urlopen(f"http://{entrypoint.admin}/healthz", timeout=WAIT) as response:
         assert response.status == 200
         assert response.read() == b"ok\n"
-    env = installed.env({**dockerfile_env(dockerfile), "MESHGW_ADMIN": entrypoint.admin})
-    check = run(exec_form(dockerfile, "HEALTHCHECK"), WAIT, env=env)
+    # The check runs with the image's environment, not the gateway's: it reads the gateway's.
+    env = installed.env(dockerfile_env(dockerfile))
+    check = run(healthcheck_for(dockerfile, entrypoint.proc.pid), WAIT, env=env)
     assert check.returncode == 0, check.stderr
-    # And it fails when nothing answers, or it would check nothing.
-    env["MESHGW_ADMIN"] = "127.0.0.1:1"
-    assert run(exec_form(dockerfile, "HEALTHCHECK"), WAIT, env=env).returncode != 0
+    assert check.stdout == f"http://{entrypoint.admin}/healthz: 200\n"
     entrypoint.proc.send_signal(signal.SIGTERM)  # drains, exits 0
     assert entrypoint.proc.wait(WAIT) == 0
+    # And it fails when nothing answers, or it would check nothing.
+    gone = run(healthcheck_for(dockerfile, entrypoint.proc.pid), WAIT, env=env)
+    assert gone.returncode == 1 and gone.stderr.startswith("meshgw: unhealthy: "), gone.stderr
 
 
 # --- the examples ------------------------------------------------------------------------------
