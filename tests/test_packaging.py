@@ -357,18 +357,67 @@ def test_kubernetes_sidecar_env_is_meshgw_settings() -> None:
     assert "type: LoadBalancer" in text and "kind: StatefulSet" in text
 
 
-def test_systemd_unit_matches_meshgw() -> None:
+SYSTEMD_UNIT = EXAMPLES / "systemd" / "meshgw.service"
+
+
+def systemd_unit() -> dict[str, list[str]]:
     unit: dict[str, list[str]] = {}
-    for line in (EXAMPLES / "systemd" / "meshgw.service").read_text().splitlines():
+    for line in SYSTEMD_UNIT.read_text().splitlines():
         if line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
             unit.setdefault(key, []).append(value)
-    assert unit["ExecStart"] == ["/usr/local/bin/meshgw run --config /etc/meshgw/meshgw.toml"]
+    return unit
+
+
+def test_systemd_unit_matches_meshgw() -> None:
+    unit = systemd_unit()
+    assert unit["ExecStart"] == ["/opt/meshgw/bin/meshgw run --config /etc/meshgw/meshgw.toml"]
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["KillSignal"] == ["SIGTERM"]
     defaults = Settings()
-    assert float(unit["TimeoutStopSec"][0].rstrip("s")) > defaults.drain_timeout
+    stop = float(unit["TimeoutStopSec"][0].rstrip("s"))
+    assert stop > defaults.drain_delay + defaults.drain_timeout
     # Room for tens of thousands of connections per process (two descriptors each, and pipes).
     assert int(unit["LimitNOFILE"][0]) >= descriptors_for(16384)
     assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
     assert unit["User"] != ["root"]
+    # The install steps in the unit's header put meshgw where ExecStart looks for it.
+    header = SYSTEMD_UNIT.read_text()
+    assert "python3 -m venv /opt/meshgw && /opt/meshgw/bin/pip install ." in header
+    assert "/etc/systemd/system/meshgw.service" in header
+
+
+def test_systemd_analyze_verifies_the_unit_as_installed(tmp_path: Path) -> None:
+    """`systemd-analyze verify` on a root laid out as the install steps leave it: the unit in
+    /etc/systemd/system, meshgw in /opt/meshgw/bin, systemd's own units beside them. It must
+    pass without a single warning (it exits 0 on warnings, so the output is checked too)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI"):
+            raise AssertionError("systemd-analyze is missing: .ci/run installs systemd")
+        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    root = tmp_path / "root"
+    units = root / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    shutil.copy2(SYSTEMD_UNIT, units / "meshgw.service")
+    system_units = next(
+        p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()
+    )
+    shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
+    launcher = root / "opt/meshgw/bin/meshgw"
+    launcher.parent.mkdir(parents=True)
+    shutil.copy2(Path(sys.executable).parent / "meshgw", launcher)  # a venv's console script
+    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(shutil.which("kill") or "/bin/kill", root / "usr/bin/kill")
+    (root / "bin").symlink_to("usr/bin")
+    done = run(
+        [analyze, "verify", f"--root={root}", "/etc/systemd/system/meshgw.service"], timeout=60
+    )
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stderr
+    # And it does fail on what it is there to catch.
+    (units / "meshgw.service").write_text(SYSTEMD_UNIT.read_text() + "Bogus=1\n")
+    warned = run([analyze, "verify", f"--root={root}", "/etc/systemd/system/meshgw.service"], 60)
+    assert "Unknown key 'Bogus'" in warned.stderr
+    launcher.unlink()
+    missing = run([analyze, "verify", f"--root={root}", "/etc/systemd/system/meshgw.service"], 60)
+    assert missing.returncode != 0 and "/opt/meshgw/bin/meshgw is not executable" in missing.stderr
