@@ -628,3 +628,19 @@ def test_settings_are_checked_when_consul_is_down(tmp_path) -> None:
     assert result.exit_code == 1
     assert result.stdout.splitlines()[0].startswith("FAIL  settings  ")
     assert result.stdout.splitlines()[-1] == "0 passed, 2 failed, 6 skipped"
+
+
+def test_the_gateway_settings_name_the_agent_to_ask(consul, tmp_path) -> None:
+    """Inside the gateway's container `meshgw doctor` asks the agent the gateway asks."""
+    double = consul()
+    catalog(double)
+    toml = f'consul = "{double.url}"\nregister = true\nexpose_servers = true\n'
+    toml += 'wan_address = "203.0.113.5:443"\n'
+    report = as_json("--config", settings_file(tmp_path, toml))
+    assert failures(report) == []
+    assert rows(report, "agent")[0]["subject"] == double.url
+    # A token file that is not there is named by where it was set.
+    toml += 'token_file = "/nonexistent/token"\n'
+    result = doctor("--config", settings_file(tmp_path, toml))
+    assert result.exit_code == 2
+    assert "token_file of --config" in result.stderr and "/nonexistent/token" in result.stderr

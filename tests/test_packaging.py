@@ -30,6 +30,7 @@ import yaml
 from meshgw.dataplane.budget import descriptors_for
 from meshgw.settings import Settings
 from tests.conftest import REPO, lines_until
+from tests.k8s import POD_IP, container_settings
 
 DOCKERFILE = REPO / "Dockerfile"
 EXAMPLES = REPO / "examples"
@@ -339,8 +340,6 @@ def test_environment_style_loads() -> None:
 # --- the Kubernetes base -------------------------------------------------------------------------
 
 K8S_BASE = EXAMPLES / "kubernetes" / "base"
-# What the downward API gives the meshgw container, for the kubelet's $(VAR) expansion.
-POD_IP = "10.1.2.3"
 
 
 def k8s_documents() -> list[dict[str, Any]]:
@@ -356,31 +355,6 @@ def only(documents: list[dict[str, Any]], kind: str, name: str | None = None) ->
     found = [d for d in documents if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     assert len(found) == 1, (kind, name, found)
     return found[0]
-
-
-def expand(value: str, env: dict[str, str]) -> str:
-    """The kubelet's $(VAR) expansion in args, from the container's own env."""
-    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
-
-
-def meshgw_settings(container: dict[str, Any]) -> Settings:
-    """The settings `meshgw run` starts with in that container: its args parsed by the real
-    command, its MESHGW_* variables as the environment."""
-    from meshgw.cli import run as run_command
-
-    fields = {"status.podIP": POD_IP, "metadata.name": "consul-server-0"}
-    env: dict[str, str] = {}
-    for item in container.get("env", []):
-        if "value" in item:
-            env[item["name"]] = str(item["value"])
-        else:
-            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
-    args = [expand(str(a), env) for a in container.get("args", [])]
-    with run_command.make_context("run", args) as ctx:
-        flags = dict(ctx.params)
-    config = flags.pop("config", None)
-    assert config is None, "the base gives every setting as a flag"
-    return Settings.load(flags, environ={k: v for k, v in env.items() if k.startswith("MESHGW_")})
 
 
 def test_kubernetes_base_resources_exist_and_are_all_listed() -> None:
@@ -399,7 +373,7 @@ def test_kubernetes_base_registers_the_gateway_as_written() -> None:
     statefulset = only(documents, "StatefulSet")
     pod = statefulset["spec"]["template"]["spec"]
     (meshgw,) = [c for c in pod["containers"] if c["image"] == "meshgw"]
-    settings = meshgw_settings(meshgw)
+    settings = container_settings(meshgw)
     assert settings.warnings() == []  # nothing it is given stays unroutable
     # It registers itself with its pod's Consul server, the token read from a Secret's file.
     assert settings.register and settings.expose_servers
@@ -535,7 +509,7 @@ def test_kubectl_kustomize_renders_the_base() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == config["metadata"]["name"]
     # What the API server stores is what the tests above read.
-    assert meshgw_settings(next(c for c in pod["containers"] if c["name"] == "meshgw")).register
+    assert container_settings(next(c for c in pod["containers"] if c["name"] == "meshgw")).register
 
 
 SYSTEMD_UNIT = EXAMPLES / "systemd" / "meshgw.service"

@@ -16,6 +16,7 @@ from meshgw.doctor.gateway_settings import load_gateway_settings
 from meshgw.doctor.runner import gather, render_json, render_text
 from meshgw.doctor.tls import DoctorOptions, tls_context
 from meshgw.durations import parse_duration
+from meshgw.settings import SettingsError
 
 __all__ = ["doctor_command"]
 
@@ -111,7 +112,8 @@ def _options(
     "--config",
     metavar="PATH",
     help="The gateway's settings file, as given to meshgw run --config: check what they leave "
-    "unroutable (MESHGW_* variables count too, as for meshgw run).",
+    "unroutable (MESHGW_* variables count too, as for meshgw run); their consul, token_file "
+    "and ca_file stand in for the flags not given.",
 )
 @click.option(
     "--json",
@@ -141,18 +143,28 @@ def doctor_command(
     """
     from meshgw.control.consul import ConsulConfig, ConsulConfigError
 
+    gateway_settings = load_gateway_settings(config, os.environ)
+    names: dict[str, str] = {}  # where a value came from, for messages
+    if gateway_settings is not None and not isinstance(gateway_settings[0], SettingsError):
+        # Ask the agent the gateway asks, as it asks it, unless told otherwise.
+        own, source = gateway_settings
+        if consul is None and own.consul is not None:
+            consul, names["address"] = own.consul, f"consul of {source}"
+        if token_file is None and own.token_file is not None:
+            token_file, names["token_file"] = own.token_file, f"token_file of {source}"
+        if ca_file is None and own.ca_file is not None:
+            ca_file, names["ca_file"] = own.ca_file, f"ca_file of {source}"
     try:
+        if config is not None and not Path(config).is_file():
+            raise ValueError(f"--config {config}: no such file")
         consul_config = ConsulConfig.from_env(
-            address=consul, token_file=token_file, ca_file=ca_file
+            address=consul, token_file=token_file, ca_file=ca_file, names=names
         )
         options = _options(gateways, server_ca_file, cert, key, timeout)
         context = tls_context(options) if options.server_ca_file is not None else None
-        if config is not None and not Path(config).is_file():
-            raise ValueError(f"--config {config}: no such file")
     except (ConsulConfigError, ValueError) as error:
         _usage(str(error))
         return
-    gateway_settings = load_gateway_settings(config, os.environ)
     try:
         checks = asyncio.run(gather(consul_config, options, context, gateway_settings))
     except KeyboardInterrupt:
