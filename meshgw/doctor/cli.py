@@ -16,7 +16,7 @@ from meshgw.doctor.gateway_settings import load_gateway_settings
 from meshgw.doctor.runner import gather, render_json, render_text
 from meshgw.doctor.tls import DoctorOptions, tls_context
 from meshgw.durations import parse_duration
-from meshgw.settings import SettingsError
+from meshgw.settings import Settings
 
 __all__ = ["doctor_command"]
 
@@ -145,9 +145,10 @@ def doctor_command(
 
     gateway_settings = load_gateway_settings(config, os.environ)
     names: dict[str, str] = {}  # where a value came from, for messages
-    if gateway_settings is not None and not isinstance(gateway_settings[0], SettingsError):
+    own = gateway_settings[0] if gateway_settings is not None else None
+    if gateway_settings is not None and isinstance(own, Settings):
         # Ask the agent the gateway asks, as it asks it, unless told otherwise.
-        own, source = gateway_settings
+        source = gateway_settings[1]
         if consul is None and own.consul is not None:
             consul, names["address"] = own.consul, f"consul of {source}"
         if token_file is None and own.token_file is not None:
