@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 # The check names, in report order.
+SETTINGS = "settings"  # the gateway's own settings, when given (gateway_settings.py)
 AGENT = "agent"
 GATEWAYS = "gateways"
 WAN_ADDRESS = "wan-address"
@@ -57,7 +58,7 @@ FEDERATION_STATE = "federation-state"
 FORWARDING = "forwarding"
 NAMES = "names"
 TLS = "tls"
-CHECK_ORDER = (AGENT, GATEWAYS, WAN_ADDRESS, FEDERATION_STATE, FORWARDING, NAMES, TLS)
+CHECK_ORDER = (SETTINGS, AGENT, GATEWAYS, WAN_ADDRESS, FEDERATION_STATE, FORWARDING, NAMES, TLS)
 
 # Consul's own error texts (agent/structs/errors.go, federation_state_endpoint.go).
 NO_PATH = "No path to datacenter"
