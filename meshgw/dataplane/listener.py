@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from meshgw.dataplane import capacity
 from meshgw.dataplane.poller import CLOSED, IN, OUT, Poller
 from meshgw.dataplane.pump import BUFFER_SIZE, Flow
 from meshgw.dataplane.splice import SPLICE_AVAILABLE, PipePool
@@ -96,6 +97,9 @@ class Deadlines:
             del waiting[conn]
             due.append(conn)
         return due
+
+    def compact(self) -> bool:
+        return capacity.compact(self._waiting)
 
 
 class Connection:
@@ -644,10 +648,18 @@ class Listener:
             conn.hello_timed_out()
         for conn in self.connect_deadlines.expired(now):
             conn.connect_timed_out()
+        self._compact_tables()
         shortest = min(self.config.hello_timeout, self.config.connect_timeout)
         self._deadline_sweeper = self.loop.call_later(
             min(max(shortest / 10, 0.01), 0.5), self._sweep_deadlines
         )
+
+    def _compact_tables(self) -> None:
+        """Tables grown for a past peak of connections give their space back (capacity.py)."""
+        capacity.compact(self.connections)
+        self.poller.compact()
+        self.hello_deadlines.compact()
+        self.connect_deadlines.compact()
 
     def _schedule_sweep(self) -> None:
         idle = self.config.idle_timeout
