@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshgw.dataplane import capacity
 from meshgw.dataplane.health import Outliers
 from meshgw.dataplane.poller import Handler, Poller
 from meshgw.dataplane.pump import BUFFER_SIZE
@@ -105,6 +106,9 @@ class Deadlines:
             del waiting[conn]
             due.append(conn)
         return due
+
+    def compact(self) -> bool:
+        return capacity.compact(self._waiting)
 
 
 class DataPlane:
@@ -291,6 +295,16 @@ class DataPlane:
         owner: Callable[..., Any] | None = getattr(handler, "__self__", None)
         if owner in self.connections:
             owner.close("internal_error")  # type: ignore[union-attr]
+
+    def compact_tables(self) -> None:
+        """Tables grown for a past peak of connections give their space back (capacity.py);
+        from the deadline sweep, never while a table is being iterated."""
+        capacity.compact(self.connections)
+        self.poller.compact()
+        self.hello_deadlines.compact()
+        self.route_deadlines.compact()
+        for deadlines in self._connect.values():
+            deadlines.compact()
 
     def close(self) -> None:
         """Close every connection and everything shared; safe to call again."""

@@ -209,6 +209,7 @@ class Listener:
                 opening.connect_timed_out()
         for opening in dp.route_deadlines.expired(now):
             opening.route_timed_out()
+        dp.compact_tables()
         shortest = min(self.config.hello_timeout, *dp.connect_timeouts())
         self._deadline_sweeper = self.loop.call_later(
             min(max(shortest / 10, 0.01), 0.5), self._sweep_deadlines
