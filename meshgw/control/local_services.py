@@ -42,7 +42,9 @@ class LocalServices:
         return len(self.names) > self.limit
 
     def start(self) -> None:
-        self.watches.follow("services", "/v1/catalog/services", self._on_list)
+        # Typical services only: Consul filters out sidecars, gateways and the like.
+        params: Params = {"filter": 'ServiceKind == ""'}
+        self.watches.follow("services", "/v1/catalog/services", self._on_list, params=params)
         self.watches.follow("service-resolvers", "/v1/config/service-resolver", self._on_resolvers)
 
     def _on_list(self, answer: Response) -> None:
