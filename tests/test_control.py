@@ -222,6 +222,27 @@ def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
     assert gw.wait_exit(WAIT) == 0
 
 
+def test_sigterm_keeps_accepting_through_the_drain_delay(
+    consul, gateway_process, backend_factory
+) -> None:
+    server = marker_backend(backend_factory, b"server-0")
+    double = consul()
+    gw = gateway_process(
+        "--dc", "dc1", "--consul", double.url, "--register", "--expose-servers",
+        "--server", f"s0=127.0.0.1:{server.port}", "--listen", "127.0.0.1:0",
+        "--admin", "127.0.0.1:0", "--drain-delay", "30",
+    ).wait_listening()  # fmt: skip
+    double.requests.wait_for("/v1/agent/service/register")
+    gw.signal(signal.SIGTERM)
+    gw.wait_for("deregistered; still accepting")
+    assert double.agent.service("mesh-gateway") is None  # sidecars learn of it from now on
+    assert not ready(gw.admin_port)  # /ready says so from the start of the window
+    assert ask(gw.port, "s0.server.dc1.consul") == b"server-0"  # and connections still work
+    gw.signal(signal.SIGTERM)  # a second one: no more waiting
+    gw.wait_for("draining")
+    assert gw.wait_exit(WAIT) == 0
+
+
 # --- discovery ---------------------------------------------------------------------------------
 
 
