@@ -232,12 +232,16 @@ class _AdminConnection(asyncio.Protocol):
             return
         self.server.stats.answered(reply.status)
         headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))]
+        # A refused request ends its connection: nothing good follows one.
+        refused = reply.status >= 400 and reply.status != 404
+        if refused:
+            headers.append(("Connection", "close"))
         body = b"" if request.method == b"HEAD" else reply.body
         out = self.http.send(h11.Response(status_code=reply.status, headers=headers)) or b""
         out += self.http.send(h11.Data(data=body)) or b""
         out += self.http.send(h11.EndOfMessage()) or b""
         self.transport.write(out)
-        if self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE:
+        if refused or self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE:
             self.close()
             return
         self.http.start_next_cycle()

@@ -52,6 +52,7 @@ def close(a: float, b: float, tolerance: float) -> bool:
     return abs(a - b) <= tolerance * max(abs(a), abs(b))
 
 
+@pytest.mark.slow
 @needs_cc
 def test_quick_run_counts_the_proxy_and_the_whole_machine(tmp_path: Path) -> None:
     doc = bench(
@@ -163,6 +164,7 @@ def test_smoke_run_adds_up(tmp_path: Path) -> None:
     assert {g["goal"] for g in doc["goals"]} == {g.text for g in report.GOALS}
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_child_and_reports(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshgw", "bench", "--scenarios", "rr-1", "--against", "direct",
@@ -231,6 +233,7 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+@pytest.mark.slow
 def test_python_fallback_load_generator(tmp_path: Path) -> None:
     doc = bench(
         tmp_path,

@@ -278,6 +278,7 @@ async def test_server_closes_on_a_packet_over_4_mib(server: SimServer, pki: Pki)
 # --- a federation in this process: a path that fails is reported, not hidden -----------------
 
 
+@pytest.mark.slow
 async def test_a_server_that_goes_away_fails_its_paths(tmp_path: Path) -> None:
     federation = Federation(Shape(datacenters=2, servers_per_dc=2, gateways_per_dc=2), tmp_path)
     try:

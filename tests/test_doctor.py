@@ -510,7 +510,13 @@ def test_primary_missing_from_the_datacenters() -> None:
 
 
 def test_odd_agent_documents_are_failures_not_crashes() -> None:
-    for document in ({"Config": "x"}, {"Config": {}, "DebugConfig": [1]}, {"Config": {}}, []):
+    documents: list[object] = [
+        {"Config": "x"},
+        {"Config": {}, "DebugConfig": [1]},
+        {"Config": {}},
+        [],
+    ]
+    for document in documents:
         (row,), identity, _ = check_agent("http://x", document)
         assert row.status is Status.FAIL and identity is None
 

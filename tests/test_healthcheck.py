@@ -60,7 +60,8 @@ def free_port() -> int:
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHGW_", "CONSUL_"))}
-    return {**env, "MESHGW_LISTEN": "127.0.0.1:0", "MESHGW_WORKERS": "1", **extra}
+    base = {"MESHGW_LISTEN": "127.0.0.1:0", "MESHGW_WORKERS": "1", "MESHGW_DRAIN_DELAY": "0"}
+    return {**env, **base, **extra}
 
 
 @pytest.fixture

@@ -174,7 +174,7 @@ PARSES: list[tuple[str, dict[str, str | None], SniName | None]] = [
     ("name", "kwargs", "want"), PARSES, ids=[p[0][:60] or "empty" for p in PARSES]
 )
 def test_parse(name: str, kwargs: dict[str, str], want: SniName | None) -> None:
-    got = parse_sni(name, **kwargs)  # type: ignore[arg-type]
+    got = parse_sni(name, **kwargs)
     assert got == want
     if got is not None:
         assert got.sni == normalize_host_name(name)

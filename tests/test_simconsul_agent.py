@@ -28,7 +28,7 @@ def sim(consul: Callable[..., SimConsulThread]) -> Iterator[SimConsulThread]:
 
 
 def client(sim: SimConsulThread) -> pyconsul.Consul:
-    return pyconsul.Consul(host=sim.sim.host, port=sim.sim.port)
+    return pyconsul.Consul(host=sim.host, port=sim.port)
 
 
 def registered_gateway(sim: SimConsulThread, **changes: Any) -> pyconsul.Consul:

@@ -29,7 +29,7 @@ def sim(consul: Callable[..., SimConsulThread]) -> Iterator[SimConsulThread]:
 
 
 def chain(sim: SimConsulThread, service: str, **kwargs: Any) -> dict[str, Any]:
-    c = pyconsul.Consul(host=sim.sim.host, port=sim.sim.port, token=kwargs.pop("token", None))
+    c = pyconsul.Consul(host=sim.host, port=sim.port, token=kwargs.pop("token", None))
     return c.discovery_chain.get(service, **kwargs)["Chain"]
 
 
@@ -157,7 +157,7 @@ def test_overrides_and_compile_dc(sim: SimConsulThread) -> None:
 
 
 def test_chain_blocks_until_an_entry_changes(sim: SimConsulThread) -> None:
-    c = pyconsul.Consul(host=sim.sim.host, port=sim.sim.port)
+    c = pyconsul.Consul(host=sim.host, port=sim.port)
     index, _ = c.http.get(
         lambda r: (r.headers["X-Consul-Index"], r.body), "/v1/discovery-chain/web"
     )

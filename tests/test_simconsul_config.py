@@ -28,7 +28,7 @@ def sim(consul: Callable[..., SimConsulThread]) -> Iterator[SimConsulThread]:
 
 
 def client(sim: SimConsulThread, **kwargs: Any) -> pyconsul.Consul:
-    return pyconsul.Consul(host=sim.sim.host, port=sim.sim.port, **kwargs)
+    return pyconsul.Consul(host=sim.host, port=sim.port, **kwargs)
 
 
 def test_write_read_list_delete(sim: SimConsulThread) -> None:

@@ -48,7 +48,7 @@ def estate(consul: Callable[..., SimConsulThread]) -> Iterator[SimConsulThread]:
 
 
 def client(sim: SimConsulThread) -> pyconsul.Consul:
-    return pyconsul.Consul(host=sim.sim.host, port=sim.sim.port)
+    return pyconsul.Consul(host=sim.host, port=sim.port)
 
 
 def nodes(entries: list[dict]) -> list[str]:

@@ -156,7 +156,7 @@ def test_imported_instances_are_synthetic_proxies_at_the_exporter_gateways(
     importer.peerings.import_services(
         "east", ["web"], gateways=east_gateways(), trust_domain=EAST_TD, exporter_peer_name="dc1"
     )
-    c = pyconsul.Consul(host=importer.sim.host, port=importer.sim.port)
+    c = pyconsul.Consul(host=importer.host, port=importer.port)
     _, entries = c.health.connect("web", peer="east")
     assert [e["Service"]["ID"] for e in entries] == [
         "web-sidecar-proxy-instance-0",
@@ -195,7 +195,7 @@ def test_imports_follow_gateway_health_and_the_peering(importer: SimConsulThread
     gateways = east_gateways()
     gateways[1]["Checks"][-1]["Status"] = "critical"
     importer.peerings.import_services("east", ["web"], gateways=gateways, trust_domain=EAST_TD)
-    c = pyconsul.Consul(host=importer.sim.host, port=importer.sim.port)
+    c = pyconsul.Consul(host=importer.host, port=importer.port)
     index, entries = c.health.connect("web", peer="east")
     assert [e["Checks"][0]["Status"] for e in entries] == ["passing", "critical"]
     _, passing = c.health.connect("web", peer="east", passing=True)

@@ -435,6 +435,7 @@ def test_half_close_waits_until_bytes_in_flight_have_left(proxy):
     assert sender.received.digest() == hashlib.sha256(b"reply after the request").digest()
 
 
+@pytest.mark.slow
 @needs_bpf
 def test_half_close_both_ways_many_times(proxy):
     """Edge (c), racing: FINs arrive right behind the data, in both orders, 150 times."""
