@@ -356,8 +356,9 @@ _DELAY = duration_in(0, MAX_TIMEOUT)
 
 
 @dataclass(frozen=True)
-class Settings:
-    # identity
+class _Routing:
+    """What this gateway routes: its place in the federation, and the routes settings give."""
+
     dc: str | None = setting(
         None, parse_datacenter, "Local datacenter.", metavar="DC", show="the agent's"
     )
@@ -371,14 +372,6 @@ class Settings:
     )
     primary_dc: str | None = setting(
         None, parse_datacenter, "Primary datacenter.", metavar="DC", restart=True
-    )
-    # data plane
-    listen: Address = setting(
-        Address("0.0.0.0", DEFAULT_GATEWAY_PORT),
-        parse_listen,
-        "Address to accept TLS on.",
-        metavar="HOST:PORT",
-        restart=True,
     )
     expose_servers: bool = setting(False, parse_bool, "Route Consul server names (WAN federation).")
     server: dict[str, Address] = setting(
@@ -414,24 +407,17 @@ class Settings:
         "An imported service's name and the exporting peer's gateway.",
         metavar="SNI=HOST:PORT",
     )
-    service_watch_limit: int = setting(
-        256,
-        int_between(1, 100_000),
-        "Local services watched at once; a larger catalog is watched on demand.",
-        metavar="N",
-        restart=True,
-    )
-    proxy_protocol: str = setting(
-        "off",
-        choice("off", "accept"),
-        "Read a PROXY protocol v1/v2 header from a load balancer before the ClientHello.",
-        restart=True,
-    )
-    proxy_protocol_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = setting(
-        [],
-        parse_networks,
-        "An address range allowed to send a PROXY header (anything else is refused).",
-        metavar="CIDR",
+
+
+@dataclass(frozen=True)
+class _DataPlane:
+    """How connections are served."""
+
+    listen: Address = setting(
+        Address("0.0.0.0", DEFAULT_GATEWAY_PORT),
+        parse_listen,
+        "Address to accept TLS on.",
+        metavar="HOST:PORT",
         restart=True,
     )
     hello_timeout: float = setting(
@@ -494,7 +480,25 @@ class Settings:
         restart=True,
         show="auto",
     )
-    # faces
+    proxy_protocol: str = setting(
+        "off",
+        choice("off", "accept"),
+        "Read a PROXY protocol v1/v2 header from a load balancer before the ClientHello.",
+        restart=True,
+    )
+    proxy_protocol_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = setting(
+        [],
+        parse_networks,
+        "An address range allowed to send a PROXY header (anything else is refused).",
+        metavar="CIDR",
+        restart=True,
+    )
+
+
+@dataclass(frozen=True)
+class _Faces:
+    """What operators watch: the admin port and the logs."""
+
     admin: Address = setting(
         Address("127.0.0.1", 19100),
         parse_listen,
@@ -514,7 +518,12 @@ class Settings:
     log_level: str = setting(
         "info", choice("debug", "info", "warning", "error"), "Log level.", restart=True
     )
-    # control plane
+
+
+@dataclass(frozen=True)
+class _ControlPlane:
+    """Consul: where the agent is, what to register, how to bootstrap."""
+
     consul: str | None = setting(
         None,
         str,
@@ -576,6 +585,19 @@ class Settings:
         metavar="DURATION",
         restart=True,
     )
+    service_watch_limit: int = setting(
+        256,
+        int_between(1, 100_000),
+        "Local services watched at once; a larger catalog is watched on demand.",
+        metavar="N",
+        restart=True,
+    )
+
+
+@dataclass(frozen=True)
+class Settings(_ControlPlane, _Faces, _DataPlane, _Routing):
+    """Every setting, grouped by what it is about (the bases); a field is a setting (see
+    `setting`), and its declaration order is the order of `meshgw run --help`."""
 
     # --- loading ------------------------------------------------------------------------------
 

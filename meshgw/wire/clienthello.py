@@ -352,44 +352,57 @@ def _walk_body(b: bytes, length: int) -> Result:
     pos += 1 + comp_len
     if pos > end:
         raise _Malformed("compression_methods overrun the ClientHello")
-
-    raw_sni: bytes | None = None
-    alpn: tuple[str, ...] = ()
-    versions: tuple[int, ...] = ()
-    has_ech = False
+    found = _Extensions()
     if pos < end:  # extensions are optional (SSL 3.0 / old TLS 1.0 clients)
-        ext_total = _u16(b, pos, end)
-        pos += 2
-        if pos + ext_total != end:
-            raise _Malformed("extensions length does not match the ClientHello length")
-        seen: set[int] = set()
-        while pos < end:  # each turn consumes ≥ 4 bytes
-            if pos + 4 > end:
-                raise _Malformed("truncated extension header")
-            ext_type, ext_len = _unpack_ext_header(b, pos)
-            pos += 4
-            ext_end = pos + ext_len
-            if ext_end > end:
-                raise _Malformed(f"extension {ext_type} overruns the ClientHello")
-            if ext_type in seen:
-                raise _Malformed(f"duplicate extension {ext_type}")
-            seen.add(ext_type)
-            if ext_type == _EXT_SERVER_NAME:
-                raw_sni = _server_name(b, pos, ext_end)
-            elif ext_type == _EXT_ALPN:
-                alpn = _alpn(b, pos, ext_end)
-            elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                versions = _supported_versions(b, pos, ext_end)
-            elif ext_type == _EXT_ECH:
-                has_ech = True
-            pos = ext_end
-
+        _walk_extensions(b, pos, end, found)
+    raw_sni = found.raw_sni
     if raw_sni is None:
         return Rejection(RejectReason.NO_SNI, "no server_name host_name")
     sni = normalize_host_name(raw_sni.decode("ascii")) if raw_sni.isascii() else None
     if sni is None:
         return Rejection(RejectReason.INVALID_SERVER_NAME, f"server_name {_preview(raw_sni)}")
-    return Hello(sni, alpn, legacy_version, versions, has_ech, length)
+    return Hello(sni, found.alpn, legacy_version, found.versions, found.has_ech, length)
+
+
+class _Extensions:
+    """What the extension walk found."""
+
+    __slots__ = ("alpn", "has_ech", "raw_sni", "versions")
+
+    def __init__(self) -> None:
+        self.raw_sni: bytes | None = None
+        self.alpn: tuple[str, ...] = ()
+        self.versions: tuple[int, ...] = ()
+        self.has_ech = False
+
+
+def _walk_extensions(b: bytes, pos: int, end: int, found: _Extensions) -> None:
+    """The extensions must fill the body exactly, each type at most once."""
+    ext_total = _u16(b, pos, end)
+    pos += 2
+    if pos + ext_total != end:
+        raise _Malformed("extensions length does not match the ClientHello length")
+    seen: set[int] = set()
+    while pos < end:  # each turn consumes ≥ 4 bytes
+        if pos + 4 > end:
+            raise _Malformed("truncated extension header")
+        ext_type, ext_len = _unpack_ext_header(b, pos)
+        pos += 4
+        ext_end = pos + ext_len
+        if ext_end > end:
+            raise _Malformed(f"extension {ext_type} overruns the ClientHello")
+        if ext_type in seen:
+            raise _Malformed(f"duplicate extension {ext_type}")
+        seen.add(ext_type)
+        if ext_type == _EXT_SERVER_NAME:
+            found.raw_sni = _server_name(b, pos, ext_end)
+        elif ext_type == _EXT_ALPN:
+            found.alpn = _alpn(b, pos, ext_end)
+        elif ext_type == _EXT_SUPPORTED_VERSIONS:
+            found.versions = _supported_versions(b, pos, ext_end)
+        elif ext_type == _EXT_ECH:
+            found.has_ech = True
+        pos = ext_end
 
 
 def _u16(b: bytes, pos: int, end: int) -> int:
