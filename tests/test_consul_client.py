@@ -484,6 +484,28 @@ async def test_watch_yields_on_change_and_not_on_timeout(double: SimConsul) -> N
     assert all(int(r.query["index"]) >= 1 and r.query["wait"] == "200ms" for r in sent[1:])
 
 
+async def test_an_agent_local_endpoint_blocks_on_its_content_hash(double: SimConsul) -> None:
+    path = "/v1/agent/service/mesh-gateway"
+    async with ConsulClient(config_for(double)) as client:
+        await client.put("/v1/agent/service/register", GATEWAY_BODY)
+        queue: asyncio.Queue[Response] = asyncio.Queue()
+        task = asyncio.create_task(collect(BlockingQuery(client, path, wait="5s", **FAST), queue))
+        try:
+            first = await asyncio.wait_for(queue.get(), 5)
+            assert first.content_hash
+            await double.raft.wait_blocked_async(1)  # parked on ?hash=, not polling
+            assert len(double.requests.find(path)) == 2 and queue.empty()
+            double.config.set_proxy_defaults({"connect_timeout_ms": 1500})
+            second = await asyncio.wait_for(queue.get(), 5)
+            assert second.content_hash != first.content_hash
+            assert second.body["Proxy"]["Config"]["connect_timeout_ms"] == 1500
+        finally:
+            await stop(task)
+    sent = double.requests.find(path)
+    assert "hash" not in sent[0].query
+    assert sent[1].query == {"hash": first.content_hash, "wait": "5s"}
+
+
 async def test_watch_resets_a_backwards_index_and_never_sends_zero(double: SimConsul) -> None:
     path = "/v1/health/service/consul"
     async with ConsulClient(config_for(double)) as client:

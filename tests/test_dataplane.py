@@ -519,37 +519,39 @@ class FakeLimits:
 
 
 @pytest.mark.parametrize(
-    ("requested", "soft", "hard", "budget", "soft_after"),
+    ("requested", "others", "soft", "hard", "budget", "soft_after"),
     [
         # auto: up to the hard limit; 2 descriptors a connection, 2 a pipe, at most 512 pipes
-        (None, 1024, 20000, (9360, 512), 20000),
-        (None, 20000, 20000, (9360, 512), 20000),
-        (None, 2048, 2048, (716, 179), 2048),  # a pipe per 4 connections below the pipe cap
-        (None, 1024, resource.RLIM_INFINITY, (65536, 512), 2 * 65536 + 2 * 512 + 256),
-        (None, 300, 300, (64, 16), 300),  # a tiny limit still leaves a usable cap
-        (100, 1024, 20000, (100, 25), 1024),  # enough already: left alone
-        (5000, 1024, 20000, (5000, 512), 11280),  # raised to what the cap needs
-        (50000, 1024, 20000, (50000, 512), 20000),  # as far as it goes (and a warning)
+        (None, 0, 1024, 20000, (9424, 512), 20000),
+        (None, 0, 20000, 20000, (9424, 512), 20000),
+        (None, 0, 2048, 2048, (768, 192), 2048),  # a pipe per 4 connections below the pipe cap
+        (None, 0, 1024, resource.RLIM_INFINITY, (65536, 512), 2 * 65536 + 2 * 512 + 128),
+        (None, 0, 300, 300, (68, 17), 300),  # a tiny limit still leaves a usable cap
+        (None, 1124, 1024, 20000, (8862, 512), 20000),  # room kept for the agent's connections
+        (100, 0, 1024, 20000, (100, 25), 1024),  # enough already: left alone
+        (5000, 0, 1024, 20000, (5000, 512), 11152),  # raised to what the cap needs
+        (5000, 1124, 1024, 20000, (5000, 512), 12276),  # and to the agent's connections
+        (50000, 0, 1024, 20000, (50000, 512), 20000),  # as far as it goes (and a warning)
     ],
 )
 def test_descriptor_budget_follows_the_open_file_limit(
-    monkeypatch, requested, soft, hard, budget, soft_after
+    monkeypatch, requested, others, soft, hard, budget, soft_after
 ):
     limits = FakeLimits(soft, hard)
     monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
     monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
-    found = DescriptorBudget.for_limit(requested)
+    found = DescriptorBudget.for_limit(requested, others)
     assert (found.connections, found.pipes) == budget
     assert limits.soft == soft_after
     if requested is None and found.connections > MIN_AUTO_CONNECTIONS:
-        assert descriptors_for(found.connections) <= limits.soft  # everything fits
+        assert descriptors_for(found.connections, others) <= limits.soft  # everything fits
 
 
 def test_descriptor_budget_when_the_limit_cannot_be_raised(monkeypatch, caplog):
     limits = FakeLimits(1024, 20000, refuse=True)
     monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
     monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
-    assert DescriptorBudget.for_limit(None) == DescriptorBudget(307, 76)
+    assert DescriptorBudget.for_limit(None) == DescriptorBudget(358, 89)
     assert "cannot raise the open-file limit" in caplog.text
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from meshgw.app.controlplane import agent_connections
 from meshgw.dataplane.budget import descriptors_for
 from meshgw.settings import Settings
 from tests.conftest import REPO, lines_until
@@ -532,8 +533,10 @@ def test_systemd_unit_matches_meshgw() -> None:
     defaults = Settings()
     stop = float(unit["TimeoutStopSec"][0].rstrip("s"))
     assert stop > defaults.drain_delay + defaults.drain_timeout
-    # Room for tens of thousands of connections per process (two descriptors each, and pipes).
-    assert int(unit["LimitNOFILE"][0]) >= descriptors_for(16384)
+    # Room for tens of thousands of connections per process (two descriptors each, and pipes),
+    # and the connections to the Consul agent that discovery holds.
+    agent = agent_connections(Settings(consul="127.0.0.1:8500"))
+    assert int(unit["LimitNOFILE"][0]) >= descriptors_for(16384, agent)
     assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
     assert unit["User"] != ["root"]
     # The install steps in the unit's header put meshgw where ExecStart looks for it.

@@ -22,6 +22,18 @@ from meshgw.topology import TopologyPart
 log = logging.getLogger("meshgw")
 
 
+# Watches besides the local services' (gateways per datacenter and name, peerings, exports,
+# imports, central config): what the connection pool to the agent keeps room for.
+OTHER_WATCHES = 128
+
+
+def agent_connections(settings: Settings) -> int:
+    """Connections to the Consul agent at most: each blocking query holds one for its wait."""
+    if settings.consul is None and not settings.register:
+        return 0
+    return settings.service_watch_limit + OTHER_WATCHES
+
+
 class ControlPlane:
     """Consul discovery, the registrar and the primary_gateways bootstrap, as settings ask.
 
@@ -72,7 +84,9 @@ class ControlPlane:
             self.tasks.append(loop.create_task(bootstrap.run()))
         if self.config is None:
             return
-        self.client = client = ConsulClient(self.config)
+        self.client = client = ConsulClient(
+            self.config, max_connections=agent_connections(settings)
+        )
 
         def health(source: str, ok: bool) -> None:
             self.metrics.consul_up.labels(source).set(1 if ok else 0)

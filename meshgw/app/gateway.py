@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 
 from meshgw.addresses import Address, hostport
 from meshgw.admin import AdminServer, AdminViews
-from meshgw.app.controlplane import ControlPlane
+from meshgw.app.controlplane import ControlPlane, agent_connections
 from meshgw.dataplane.budget import DescriptorBudget
 from meshgw.dataplane.context import DataPlaneConfig
 from meshgw.dataplane.listener import Listener
@@ -153,7 +153,9 @@ class Gateway:
         settings = self.settings
         for warning in settings.warnings():
             log.warning(warning)
-        self.budget = DescriptorBudget.for_limit(settings.max_connections)
+        self.budget = DescriptorBudget.for_limit(
+            settings.max_connections, agent_connections(settings)
+        )
         try:
             self.listener = await self._start_dataplane()
         except OSError as error:

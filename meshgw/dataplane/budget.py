@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 log = logging.getLogger("meshgw.dataplane")
 
-# Descriptors kept for everything that is not a proxied connection or a pipe.
-RESERVED_FDS = 256
+# Descriptors kept for everything that is not a proxied connection, a pipe or a connection to
+# the Consul agent (the admin port's 32, logs, the epoll and listening sockets, the resolver's
+# threads).
+RESERVED_FDS = 128
 MAX_AUTO_CONNECTIONS = 65536  # per process, when the open-file limit would allow more
 MIN_AUTO_CONNECTIONS = 64
 # Directions splicing at once per process; beyond it bursts go through userspace. Each pipe
@@ -29,8 +31,10 @@ def pipes_for(connections: int) -> int:
     return min(connections // 4, MAX_PIPES)
 
 
-def descriptors_for(connections: int) -> int:
-    return 2 * connections + 2 * pipes_for(connections) + RESERVED_FDS
+def descriptors_for(connections: int, others: int = 0) -> int:
+    """Descriptors `connections` need with their pipes, the reserve, and `others` (the
+    connections to the Consul agent)."""
+    return 2 * connections + 2 * pipes_for(connections) + RESERVED_FDS + others
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +43,9 @@ class DescriptorBudget:
     pipes: int  # splice pipes per process; beyond it bursts go through userspace
 
     @classmethod
-    def for_limit(cls, requested: int | None) -> DescriptorBudget:
-        """The budget under the open-file limit, with the limit raised to fit it.
+    def for_limit(cls, requested: int | None, others: int = 0) -> DescriptorBudget:
+        """The budget under the open-file limit, with the limit raised to fit it; `others`
+        are descriptors kept for the connections to the Consul agent.
 
         Asked for a number of connections, the soft limit is raised towards what they and
         their pipes need (a warning if the hard limit is lower). By default (None) the soft
@@ -48,7 +53,7 @@ class DescriptorBudget:
         MAX_AUTO_CONNECTIONS: the way HAProxy derives maxconn from `ulimit -n`.
         """
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = descriptors_for(requested or MAX_AUTO_CONNECTIONS)
+        wanted = descriptors_for(requested or MAX_AUTO_CONNECTIONS, others)
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         if soft < target:
             try:
@@ -59,7 +64,7 @@ class DescriptorBudget:
                     "cannot raise the open-file limit from %d to %d: %s", soft, target, error
                 )
         if requested is None:
-            connections = max(MIN_AUTO_CONNECTIONS, _fitting(soft))
+            connections = max(MIN_AUTO_CONNECTIONS, _fitting(soft - others))
             return cls(connections, pipes_for(connections))
         if soft < wanted:
             log.warning(

@@ -88,6 +88,10 @@ class BlockingQuery:
       degenerates into a busy loop of non-blocking requests;
     - an answer with the index already seen is a spurious wake-up (a timeout or a change
       elsewhere) and is not yielded.
+
+    Agent-local endpoints (`/v1/agent/service/<id>`) send no index but an X-Consul-ContentHash:
+    the next request then blocks on `?hash=` instead, and an answer with the same hash is not
+    yielded either.
     """
 
     def __init__(
@@ -123,11 +127,13 @@ class BlockingQuery:
         while True:
             await self._bucket.acquire()
             try:
+                last_hash = self.last.content_hash if self.last is not None else None
                 answer = await self.client.get(
                     self.path,
                     params=self.params,
-                    index=self.index or None,
-                    wait=self.wait if self.index else None,
+                    index=None if last_hash else self.index or None,
+                    content_hash=last_hash,
+                    wait=self.wait if self.index or last_hash else None,
                     dc=self.dc,
                 )
             except ConsulRequestError as exc:
@@ -142,6 +148,12 @@ class BlockingQuery:
                 if self.on_recover is not None:
                     self.on_recover(failures)
             sent = self.index
+            if answer.content_hash is not None:  # an agent-local endpoint: it blocks on the hash
+                changed = self.last is None or answer.content_hash != self.last.content_hash
+                if changed:
+                    self.last = answer
+                    yield answer
+                continue
             changed = self.last is None or answer.index != self.last.index
             self.index = 0 if answer.index < sent else answer.index  # backwards: reset
             self.index = max(self.index, 1)  # never send an index below 1

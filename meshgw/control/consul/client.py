@@ -48,10 +48,12 @@ _Error = TypeVar("_Error", bound=ConsulRequestError)
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """One answer. `index` is X-Consul-Index (0 when the endpoint sends none)."""
+    """One answer. `index` is X-Consul-Index (0 when the endpoint sends none); `content_hash`
+    is X-Consul-ContentHash, which agent-local endpoints block on instead."""
 
     body: Any
     index: int
+    content_hash: str | None = None
 
 
 # Top-level JSON type of the answer of each endpoint meshgw reads, to refuse garbage early.
@@ -162,16 +164,27 @@ def _json_name(kind: type) -> str:
     return names.get(kind, "number" if kind in (int, float) else kind.__name__)
 
 
+DEFAULT_MAX_CONNECTIONS = 100  # aiohttp's own default
+
+
 class ConsulClient:
     """Talks to one Consul agent. Create inside a running loop's task; `close()` when done.
 
     `timeout` bounds a request that does not block; a blocking one gets
-    wait + wait/16 (Consul's jitter) + `timeout`.
+    wait + wait/16 (Consul's jitter) + `timeout`. Every blocking query holds one connection for
+    its wait: `max_connections` must exceed the watches, or later requests queue for minutes.
     """
 
-    def __init__(self, config: ConsulConfig, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        config: ConsulConfig,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         self.config = config
         self.timeout = timeout
+        self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._ssl = config.ssl_context()
 
@@ -181,10 +194,12 @@ class ConsulClient:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector: aiohttp.BaseConnector
+            limit = self.max_connections
             if self.config.unix_socket is not None:
-                connector = aiohttp.UnixConnector(path=self.config.unix_socket)
+                connector = aiohttp.UnixConnector(path=self.config.unix_socket, limit=limit)
             else:
-                connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
+                ssl_option = self._ssl if self._ssl is not None else True
+                connector = aiohttp.TCPConnector(ssl=ssl_option, limit=limit)
             headers = {"User-Agent": f"meshgw/{__version__}"}
             if self.config.token is not None:
                 headers["X-Consul-Token"] = self.config.token.reveal()
@@ -210,19 +225,24 @@ class ConsulClient:
         *,
         params: Params | None = None,
         index: int | None = None,
+        content_hash: str | None = None,
         wait: str | float | None = None,
         dc: str | None = None,
         timeout: float | None = None,
     ) -> Response:
-        """GET a JSON endpoint. With `index` (≥1) it is a blocking query that waits up to `wait`
-        (seconds or a Go duration, default Consul's 5m, at most 10m) for the index to pass it.
-        `timeout` replaces the client's for this request (a blocking wait is added to it)."""
+        """GET a JSON endpoint. With `index` (≥1), or the `content_hash` of the last answer of
+        an agent-local endpoint, it is a blocking query that waits up to `wait` (seconds or a Go
+        duration, default Consul's 5m, at most 10m) for the answer to change. `timeout` replaces
+        the client's for this request (a blocking wait is added to it)."""
         path = _normalize_path(path)
         query = _query(params, dc)
         timeout = self.timeout if timeout is None else timeout
-        if index is not None and index > 0:
+        if content_hash or (index is not None and index > 0):
             wait_s = DEFAULT_WAIT if wait is None else min(parse_duration(wait), MAX_WAIT)
-            query["index"] = str(index)
+            if content_hash:
+                query["hash"] = content_hash
+            else:
+                query["index"] = str(index)
             query["wait"] = go_duration(wait_s)
             timeout += wait_s + wait_s / JITTER_FRACTION
         headers, raw = await self._send("GET", path, query, None, timeout)
@@ -234,7 +254,8 @@ class ConsulClient:
             elif not isinstance(body, kind):
                 what = f"expected a JSON {_json_name(kind)}, got {_json_name(type(body))}"
                 raise self._bad("GET", path, what)
-        return Response(body=body, index=self._index(path, headers))
+        content_hash = headers.get("X-Consul-ContentHash") or None
+        return Response(body=body, index=self._index(path, headers), content_hash=content_hash)
 
     async def put(self, path: str, json_body: Any = None) -> Any:
         """PUT (with a JSON body); returns the parsed answer, None for Consul's empty 200."""

@@ -186,11 +186,14 @@ class AgentAPI(BaseAPI):
             remaining = deadline - loop.time()
             if not wanted or body["ContentHash"] != wanted or remaining <= 0:
                 break
+            raft.park(1)  # counted like the index-blocking queries, for tests to wait on
             try:
                 async with asyncio.timeout(remaining):
                     await event.wait()
             except TimeoutError:
                 pass
+            finally:
+                raft.park(-1)
         return web.json_response(body, headers={"X-Consul-ContentHash": body["ContentHash"]})
 
 
