@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from meshgw.dataplane.poller import Handler, Poller
@@ -39,6 +39,11 @@ class DataPlaneConfig:
     pump: str  # auto | splice | userspace
     access_log: bool
     backlog: int = 4096
+
+    def __reduce__(self) -> tuple[type[DataPlaneConfig], tuple[object, ...]]:
+        # Pickled to the worker processes, and rebuilt through __init__: compiled with mypyc, a
+        # frozen dataclass cannot be restored field by field (its __setattr__ refuses).
+        return (DataPlaneConfig, tuple(getattr(self, f.name) for f in fields(self)))
 
 
 class Connection(Protocol):
