@@ -85,8 +85,24 @@ def with_settings(command: Callable[..., Any]) -> Callable[..., Any]:
 _SETTINGS_KEYS = frozenset({"config", *(spec.name for spec in specs())})
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from meshgw.buildinfo import build
+
+    click.echo(f"meshgw, version {__version__}, {build()}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="meshgw")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and the build (compiled with mypyc, or pure Python), and exit.",
+)
 def main() -> None:
     """meshgw: a mesh gateway for federating Consul datacenters.
 

@@ -21,13 +21,31 @@ from typing import IO, Any
 
 import pytest
 
+import meshgw
 from meshgw.app import Gateway
+from meshgw.buildinfo import build
 from meshgw.settings import Settings
 from meshgw.simconsul import SimConsulThread
 from tests.hellos import TRUST_DOMAIN
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds any single wait in a test may take before it fails
+# Set by CI to the build (meshgw.buildinfo.build()) a run must test: a run that imports another
+# one (say the source tree, when the installed compiled package was meant) stops at once.
+EXPECT_BUILD_ENV = "MESHGW_X_EXPECT_BUILD"
+
+
+def pytest_report_header() -> str:
+    return f"meshgw: {build()}, from {Path(meshgw.__file__).parent}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    expected = os.environ.get(EXPECT_BUILD_ENV)
+    if expected and expected != build():
+        raise pytest.UsageError(
+            f"{EXPECT_BUILD_ENV}={expected!r}, but these tests import meshgw {build()!r} "
+            f"from {Path(meshgw.__file__).parent}"
+        )
 
 
 # --- a gateway running in this process, on its own loop in a thread --------------------------

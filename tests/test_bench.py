@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from meshgw import dataplane
+from meshgw import __version__, dataplane
 from meshgw.bench import cli, harness, hellos, peers, report, scenarios
+from meshgw.buildinfo import build
 from meshgw.wire.clienthello import ClientHelloReader, Hello
 
 SMOKE_LIMIT = 180.0  # seconds the smoke run may take, start-up to report, on a busy machine
@@ -37,6 +38,7 @@ def bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"meshgw {__version__}, {build()}, Python ")  # the header
     assert "meshgw/direct" in done.stdout  # the ratio table
     assert "machine CPU" in done.stdout  # the whole machine's figures, next to the proxy's
     assert "[" in done.stderr and "/" in done.stderr  # the progress lines
@@ -67,6 +69,8 @@ def test_quick_run_counts_the_proxy_and_the_whole_machine(tmp_path: Path) -> Non
         "direct,meshgw-userspace",
     )
     assert doc["meta"]["pump_modes"] == {"meshgw": "auto", "meshgw-userspace": "userspace"}
+    # The build measured is the one these tests import, wherever the bench was started from.
+    assert doc["meta"]["build"] == build()
     tick = 1 / harness.CLK_TCK
     for run in doc["runs"]:
         assert run["ok"], (run["variant"], run["target"], run["error"], run["checks"])

@@ -229,7 +229,7 @@ def test_byte_by_byte(case: Case, sizes: list[int]) -> None:
 
 def test_feed_accepts_bytearray_and_memoryview() -> None:
     data = H.python_hello(SERVER0)
-    assert isinstance(parse_client_hello(bytearray(data)), Hello)  # type: ignore[arg-type]
+    assert isinstance(parse_client_hello(bytearray(data)), Hello)
     reader = ClientHelloReader()
     view = memoryview(data)
     assert reader.feed(view[:100]) is None

@@ -28,6 +28,7 @@ from meshgw.dataplane.budget import (
     descriptors_for,
 )
 from meshgw.dataplane.poller import Poller
+from meshgw.metrics import DataPlaneStats
 from meshgw.tls.certs import create_ca, create_cert
 from tests.conftest import (
     WAIT,
@@ -36,6 +37,7 @@ from tests.conftest import (
     GatewayThread,
     closed_by_peer,
     connect,
+    eventually,
     open_fds,
     recv_all,
     recv_exactly,
@@ -282,6 +284,68 @@ async def test_a_handler_that_raises_does_not_lose_the_other_events() -> None:
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_a_bug_in_a_connections_handler_closes_only_that_connection(
+    gateway_factory, backend_factory, monkeypatch
+):
+    """The poller finds the connection that owns a failing handler (a bound method's
+    __self__, in either build) and closes it, counted; the gateway serves on."""
+    trigger = "meshgw-test-bug"
+    offered = DataPlaneStats.offered
+
+    def buggy(stats: DataPlaneStats, protocol: str) -> None:
+        if protocol == trigger:
+            raise RuntimeError("a bug met while routing")
+        offered(stats, protocol)
+
+    monkeypatch.setattr(DataPlaneStats, "offered", buggy)
+    received: list[bytes] = []
+    server = backend_factory(recorder(received))
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"])
+    hello = python_hello("node1.server.dc1.consul", alpn=(trigger,))
+    with connect(gw.port) as client:
+        # The hello's first bytes get the connection accepted and its handler registered;
+        # the rest then reaches it through the poller, where the bug is met.
+        client.sendall(hello[:40])
+        eventually(lambda: gw.active() == 1, what="the connection was not accepted")
+        client.sendall(hello[40:])
+        assert closed_by_peer(client)
+    gw.wait_idle()
+    assert metric(gw.admin_port, "meshgw_internal_errors_total") == 1
+    assert server.accepted == 0
+    good = python_hello("node1.server.dc1.consul")
+    with connect(gw.port) as client:
+        client.sendall(good)
+        client.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(client)
+    gw.wait_idle()
+    assert received == [good]
+    assert metric(gw.admin_port, "meshgw_internal_errors_total") == 1
+
+
+def test_a_bug_met_on_accept_closes_only_that_connection(
+    gateway_factory, backend_factory, monkeypatch
+):
+    """A hello that is whole at accept is read there, before the poller has a handler: a bug
+    met in that first read is contained the same way, counted, the connection closed."""
+    trigger = "meshgw-test-bug"
+    offered = DataPlaneStats.offered
+
+    def buggy(stats: DataPlaneStats, protocol: str) -> None:
+        if protocol == trigger:
+            raise RuntimeError("a bug met while routing")
+        offered(stats, protocol)
+
+    monkeypatch.setattr(DataPlaneStats, "offered", buggy)
+    server = backend_factory(recorder([]))
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"])
+    with connect(gw.port) as client:
+        client.sendall(python_hello("node1.server.dc1.consul", alpn=(trigger,)))
+        assert closed_by_peer(client)
+    gw.wait_idle()
+    assert metric(gw.admin_port, "meshgw_internal_errors_total") == 1
+    assert server.accepted == 0
 
 
 def test_half_close_each_way(gateway_factory, backend_factory):

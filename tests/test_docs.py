@@ -70,7 +70,7 @@ def parse(words: list[str]) -> tuple[click.Command, dict[str, Any]]:
     command: click.Command = main
     rest = words[1:]
     path = ["meshgw"]
-    while isinstance(command, click.Group):
+    while isinstance(command, click.Group) and not (rest and rest[0].startswith("-")):
         assert rest, f"{' '.join(words)}: a group without its command"
         sub = command.get_command(click.Context(command), rest[0])
         assert sub is not None, f"{' '.join(words)}: no command {rest[0]!r}"

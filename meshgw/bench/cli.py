@@ -243,6 +243,7 @@ def bench_command(
     if tool.note:
         notes.append(tool.note)
     workdir = Path(tempfile.mkdtemp(prefix="meshgw-bench-"))
+    build = harness.meshgw_build(workdir) if pumps else None
     settings = harness.BenchSettings(
         tool=tool,
         hellos=harness.Hellos.write(workdir),
@@ -271,6 +272,7 @@ def bench_command(
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "versions": versions,
+        "build": build,  # of meshgw: compiled (mypyc) or pure Python
         "load_tool": tool.kind,
         "proxy_cpus": proxy_set,
         "load_cpus": load_set,
@@ -286,6 +288,9 @@ def bench_command(
         "argv": sys.argv[1:],
     }
     progress = report.Progress(len(plans))
+    header = f"meshgw {__version__}, {build}, Python {meta['python']}" if build else ""
+    if header:
+        progress.note(header)
     for note in notes:
         progress.note(f"note: {note}")
     runs: list[dict[str, Any]] = []
@@ -314,7 +319,8 @@ def bench_command(
     main_table = report.table(summary, targets)
     sys_table = report.syscall_table(breakdown, targets)
     failed = [r for r in runs if not r["ok"]]
-    out = [main_table, "", "† a run of this median was load-bound.", SHARED_NOTE, ""]
+    out = [header, ""] if header else []
+    out += [main_table, "", "† a run of this median was load-bound.", SHARED_NOTE, ""]
     for run in runs:
         if run.get("profile"):
             samples = run["profile"]["samples"]

@@ -247,6 +247,7 @@ class Child:
         stdin: int | None = subprocess.DEVNULL,
         stdout: int | None = None,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.argv = argv
         self.log = log
@@ -259,6 +260,7 @@ class Child:
                     stderr=err,
                     preexec_fn=_prepare_child(cpus),  # no threads here: preexec_fn is safe
                     env=env,
+                    cwd=cwd,
                     close_fds=True,
                 )
             except OSError as error:
@@ -502,6 +504,22 @@ class Proxy:
             self.child.stop()
 
 
+def meshgw_build(workdir: Path) -> str:
+    """The build (compiled with mypyc, or pure Python) the meshgw targets run: asked of the same
+    command, started from the same folder, as start_proxy starts them."""
+    argv = [sys.executable, "-m", "meshgw", "--version"]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, cwd=workdir, timeout=START_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unknown ({error})"
+    # "meshgw, version 0.1.0, compiled (mypyc)"
+    _, _, build = done.stdout.strip().partition(", version ")
+    _, _, build = build.partition(", ")
+    return build or f"unknown (meshgw --version said {done.stdout.strip()!r})"
+
+
 def meshgw_argv(ports: dict[str, int], pump: str, workers: int) -> list[str]:
     argv = [sys.executable, "-m", "meshgw", "run", "--dc", peers.DATACENTER]
     argv += ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--expose-servers"]
@@ -553,7 +571,11 @@ def start_proxy(
         return Proxy(target, backend.ports[mode], None, None)
     deadline = time.monotonic() + START_TIMEOUT
     if pump is not None:
-        child = Child(meshgw_argv(backend.ports, pump, workers), cpus=cpus, log=log)
+        # Started from the work folder, not from wherever the bench was run: `-m meshgw` in a
+        # checkout would import its source tree instead of the meshgw installed (and perhaps
+        # compiled) with the bench.
+        argv = meshgw_argv(backend.ports, pump, workers)
+        child = Child(argv, cpus=cpus, log=log, cwd=workdir)
         try:
             port = _wait_meshgw(child, deadline)
         except BenchError:

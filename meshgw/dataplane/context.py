@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from meshgw.dataplane import capacity
@@ -48,6 +48,11 @@ class DataPlaneConfig:
     backlog: int = 4096
     # How long a connection for a local service nobody asked for yet waits for its route.
     demand_timeout: float = 1.0
+
+    def __reduce__(self) -> tuple[type[DataPlaneConfig], tuple[object, ...]]:
+        # Pickled to the worker processes, and rebuilt through __init__: compiled with mypyc, a
+        # frozen dataclass cannot be restored field by field (its __setattr__ refuses).
+        return (DataPlaneConfig, tuple(getattr(self, f.name) for f in fields(self)))
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -159,7 +164,7 @@ class DataPlane:
         if pipes is not None:
             stats.pipe_shortages = lambda: pipes.shortages
             stats.pipes_open = lambda: pipes.open
-        self.poller = Poller(loop, self._handler_failed)
+        self.poller = Poller(loop, self.handler_failed)
         self.hello_deadlines = Deadlines(config.hello_timeout)
         self._connect: dict[float, Deadlines] = {}  # one per connect timeout in use
         self.route_deadlines = Deadlines(config.demand_timeout)
@@ -285,7 +290,7 @@ class DataPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _handler_failed(self, handler: Handler, error: Exception) -> None:
+    def handler_failed(self, handler: Handler, error: Exception) -> None:
         """A bug met by one connection's handler: close that connection, count, log once."""
         self.stats.internal_errors += 1
         signature = f"{type(error).__name__}: {error}"

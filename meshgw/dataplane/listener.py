@@ -174,7 +174,10 @@ class Listener:
                 continue
             opening = Opening(dp, client, peer)
             dp.opened(opening)
-            opening.start()
+            try:
+                opening.start()  # reads a hello that is already here, outside the poller
+            except Exception as error:  # a bug: contained as the poller contains its handlers'
+                dp.handler_failed(opening.start, error)
 
     def _back_off(self, reason: str) -> None:
         """Out of descriptors or memory: stop accepting for a moment instead of spinning."""

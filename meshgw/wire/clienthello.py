@@ -466,6 +466,8 @@ def _supported_versions(b: bytes, pos: int, end: int) -> tuple[int, ...]:
     return versions
 
 
-def parse_client_hello(data: bytes, max_bytes: int = DEFAULT_MAX_HELLO_BYTES) -> Result | None:
+def parse_client_hello(
+    data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_HELLO_BYTES
+) -> Result | None:
     """One-shot :meth:`ClientHelloReader.feed` on a fresh reader."""
     return ClientHelloReader(max_bytes).feed(data)
