@@ -290,7 +290,7 @@ class DataPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def handler_failed(self, handler: Handler, error: Exception) -> None:
+    def handler_failed(self, handler: Callable[..., Any], error: Exception) -> None:
         """A bug met by one connection's handler: close that connection, count, log once."""
         self.stats.internal_errors += 1
         signature = f"{type(error).__name__}: {error}"
