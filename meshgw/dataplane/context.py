@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from meshgw.dataplane import capacity
 from meshgw.dataplane.health import Outliers
-from meshgw.dataplane.poller import Handler, Poller
+from meshgw.dataplane.poller import Poller
 from meshgw.dataplane.pump import BUFFER_SIZE
 from meshgw.dataplane.splice import SPLICE_AVAILABLE, PipePool
 from meshgw.metrics import DataPlaneStats
