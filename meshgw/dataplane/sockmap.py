@@ -123,13 +123,15 @@ class TunnelRefused(Exception):
     """`join` did not happen. `reason`: full | busy | eof (fall back) or error (abort).
 
     `caught_up`: bytes `join` forwarded itself before it gave up, (a → b, b → a): they left
-    userspace's hands all the same and belong in the connection's byte counts.
+    userspace's hands all the same and belong in the connection's byte counts. `failed`: for
+    an error met reading or writing one of the sockets (a reset), that socket.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", failed: socket.socket | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.caught_up = (0, 0)
+        self.failed = failed
 
 
 @functools.cache
@@ -570,7 +572,7 @@ def _catch_up(
         except BlockingIOError:
             return
         except OSError as error:
-            raise TunnelRefused("error", str(error)) from None
+            raise TunnelRefused("error", str(error), src) from None
         if n == 0:
             raise TunnelRefused("eof")
         try:
@@ -578,7 +580,7 @@ def _catch_up(
         except BlockingIOError:
             sent = 0
         except OSError as error:
-            raise TunnelRefused("error", str(error)) from None
+            raise TunnelRefused("error", str(error), dst) from None
         if sent:
             src.recv_into(buffer, sent, socket.MSG_DONTWAIT)
             moved[index] += sent
