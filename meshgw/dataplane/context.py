@@ -1,9 +1,9 @@
 """What every connection of one process shares: settings, the poller, the read buffer, the
-splice pipes, the counters, the deadlines and the route table in force.
+splice pipes, the kernel tunnels, the counters, the deadlines and the route table in force.
 
-A connection (an `Opening`, then a `Tunnel`) reaches all of it through one `DataPlane` value
-instead of through the listener, so the listener itself is only accepting, backing off,
-sweeping and draining.
+A connection (an `Opening`, then a `Tunnel`, maybe then a `KernelTunnel`) reaches all of it
+through one `DataPlane` value instead of through the listener, so the listener itself is only
+accepting, backing off, sweeping and draining.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshgw.dataplane.deadlines import Deadlines
+from meshgw.dataplane.kernelplane import KernelPlane, open_kernel_plane, pump_unavailable
 from meshgw.dataplane.poller import Handler, Poller
 from meshgw.dataplane.pump import BUFFER_SIZE
 from meshgw.dataplane.splice import SPLICE_AVAILABLE, PipePool
@@ -36,9 +37,11 @@ class DataPlaneConfig:
     max_hello_bytes: int
     max_connections: int
     max_pipes: int
-    pump: str  # auto | splice | userspace
+    pump: str  # one of PUMP_MODES
     access_log: bool
     backlog: int = 4096
+    # Log what holds for the whole gateway (a pump mode falling back) here: in one worker only.
+    announce: bool = True
 
 
 class Connection(Protocol):
@@ -47,35 +50,16 @@ class Connection(Protocol):
     def close(self, outcome: str) -> None: ...
 
 
-class Deadlines:
-    """Connections waiting out one fixed timeout, oldest first.
+def flow_mode(pump: str) -> str:
+    """How Flows (userspace, splice) move bytes under `pump`: every connection in those modes;
+    in sockmap mode those the kernel refused, which get auto's userspace-then-splice."""
+    mode = "auto" if pump == "sockmap" else pump
+    return mode if SPLICE_AVAILABLE else "userspace"
 
-    One periodic sweep serves them all instead of a timer armed and cancelled per connection:
-    since the timeout is the same for every entry, insertion order is deadline order.
-    """
 
-    __slots__ = ("_waiting", "timeout")
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._waiting: OrderedDict[Any, float] = OrderedDict()
-
-    def add(self, conn: Any, now: float) -> None:
-        self._waiting.pop(conn, None)  # re-added (failover): a fresh deadline, at the end
-        self._waiting[conn] = now + self.timeout
-
-    def discard(self, conn: Any) -> None:
-        self._waiting.pop(conn, None)
-
-    def expired(self, now: float) -> list[Any]:
-        waiting, due = self._waiting, []
-        while waiting:
-            conn, deadline = next(iter(waiting.items()))
-            if deadline > now:
-                break
-            del waiting[conn]
-            due.append(conn)
-        return due
+def pump_mode(pump: str) -> str:
+    """The mode `pump` really runs as here, as the data plane reports it."""
+    return "sockmap" if pump == "sockmap" and pump_unavailable(pump) is None else flow_mode(pump)
 
 
 class DataPlane:
@@ -88,7 +72,9 @@ class DataPlane:
         "config",
         "connect_deadlines",
         "connections",
+        "flow_mode",
         "hello_deadlines",
+        "kernel",
         "loop",
         "pipes",
         "poller",
@@ -112,19 +98,42 @@ class DataPlane:
         self.connections: set[Connection] = set()
         stats.active = lambda: len(self.connections)
         self.view = memoryview(bytearray(BUFFER_SIZE))  # every read of this process lands here
-        use_splice = SPLICE_AVAILABLE and config.pump != "userspace"
+        self.flow_mode = flow_mode(config.pump)
+        use_splice = self.flow_mode != "userspace"
         self.pipes = PipePool(config.max_pipes) if use_splice else None
-        self.pump_mode = config.pump if use_splice else "userspace"
         pipes = self.pipes
         if pipes is not None:
             stats.pipe_shortages = lambda: pipes.shortages
             stats.pipes_open = lambda: pipes.open
+        self.kernel: KernelPlane | None = self._open_kernel(loop, config, stats)
+        self.pump_mode = "sockmap" if self.kernel and config.pump == "sockmap" else self.flow_mode
         self.poller = Poller(loop, self._handler_failed)
         self.hello_deadlines = Deadlines(config.hello_timeout)
         self.connect_deadlines = Deadlines(config.connect_timeout)
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
         self._failures_logged: set[str] = set()
+
+    def _open_kernel(
+        self, loop: asyncio.AbstractEventLoop, config: DataPlaneConfig, stats: DataPlaneStats
+    ) -> KernelPlane | None:
+        kernel, reason = open_kernel_plane(loop, config.pump, config.max_connections)
+        if kernel is not None:
+            tunnels = kernel.tunnels
+            stats.kernel_capacity = tunnels.capacity
+            stats.kernel_open = tunnels.__len__
+            stats.kernel_refusals = lambda: tunnels.refusals
+        elif reason is not None and config.announce:
+            # Never a reason not to start: the Flows move every byte, only at a higher cost.
+            level = logging.WARNING if config.pump == "sockmap" else logging.INFO
+            log.log(
+                level,
+                "kernel tunnels unavailable (%s): --pump %s moves bytes with %s",
+                reason,
+                config.pump,
+                "splice and userspace" if self.pipes else "userspace",
+            )
+        return kernel
 
     # --- connections ---------------------------------------------------------------------------
 
@@ -174,4 +183,7 @@ class DataPlane:
             task.cancel()
         if self.pipes is not None:
             self.pipes.close()
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
         self.poller.close()
