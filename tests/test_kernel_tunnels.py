@@ -264,3 +264,65 @@ def test_a_failed_join_resets_both_sides(monkeypatch, gateway_factory, backend_f
     gw.wait_idle()
     assert metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
                   datacenter="dc1", outcome="join_failed") == 1  # fmt: skip
+
+
+# --- bugs stay with their connection ----------------------------------------------------------
+
+
+def test_a_promotion_that_raises_closes_that_connection_only(
+    quick_policies, monkeypatch, gateway_factory, backend_factory
+):
+    from meshgw.dataplane.tunnel import Tunnel
+
+    real = Tunnel.promote
+    broken: list[Tunnel] = []
+
+    def promote_or_fail(tunnel: Tunnel, trigger: str) -> str:
+        if not broken:
+            broken.append(tunnel)
+            raise RuntimeError("a bug")
+        return real(tunnel, trigger)
+
+    monkeypatch.setattr(Tunnel, "promote", promote_or_fail)
+    server = backend_factory(echo)
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="auto")
+    with connect(gw.port) as first:
+        exchange(first, HELLO)
+        for index in range(20):
+            exchange(first, b"busy %d" % index)
+        eventually(lambda: bool(broken), what="never considered")
+        assert closed_by_peer(first)
+    # The rounds go on: the next busy connection is promoted.
+    with connect(gw.port) as second:
+        exchange(second, HELLO)
+        for index in range(20):
+            exchange(second, b"busy %d" % index)
+        eventually(lambda: joins(gw, "promotion") == 1, what="the rounds stopped")
+        exchange(second, b"in the kernel")
+    gw.wait_idle()
+    assert metric(gw.admin_port, "meshgw_internal_errors_total") == 1
+    assert metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
+                  datacenter="dc1", outcome="internal_error") == 1  # fmt: skip
+
+
+def test_a_flush_check_that_raises_closes_that_connection_only(
+    monkeypatch, gateway_factory, backend_factory
+):
+    calls = [0]
+
+    def not_yet_then_fail(tunnels, tunnel, src):
+        calls[0] += 1
+        if calls[0] == 1:
+            return False  # retried on a timer...
+        raise RuntimeError("a bug")  # ...where it fails
+
+    monkeypatch.setattr(sockmap.KernelTunnels, "flushed", not_yet_then_fail)
+    server = backend_factory(echo)
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="sockmap")
+    with connect(gw.port) as client:
+        exchange(client, HELLO)
+        client.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(client)
+    gw.wait_idle()
+    assert joins(gw, "start") == 1
+    assert metric(gw.admin_port, "meshgw_internal_errors_total") == 1

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from meshgw.dataplane.deadlines import Deadlines
 from meshgw.dataplane.kernelplane import KernelPlane, open_kernel_plane, pump_unavailable
-from meshgw.dataplane.poller import Handler, Poller
+from meshgw.dataplane.poller import Poller
 from meshgw.dataplane.pump import BUFFER_SIZE
 from meshgw.dataplane.splice import SPLICE_AVAILABLE, PipePool
 from meshgw.metrics import DataPlaneStats
@@ -117,7 +117,9 @@ class DataPlane:
     def _open_kernel(
         self, loop: asyncio.AbstractEventLoop, config: DataPlaneConfig, stats: DataPlaneStats
     ) -> KernelPlane | None:
-        kernel, reason = open_kernel_plane(loop, config.pump, config.max_connections)
+        kernel, reason = open_kernel_plane(
+            loop, config.pump, config.max_connections, self._handler_failed
+        )
         if kernel is not None:
             tunnels = kernel.tunnels
             stats.kernel_capacity = tunnels.capacity
@@ -164,7 +166,7 @@ class DataPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _handler_failed(self, handler: Handler, error: Exception) -> None:
+    def _handler_failed(self, handler: Callable[..., object], error: Exception) -> None:
         """A bug met by one connection's handler: close that connection, count, log once."""
         self.stats.internal_errors += 1
         signature = f"{type(error).__name__}: {error}"

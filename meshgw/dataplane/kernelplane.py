@@ -1,18 +1,18 @@
 """This process's kernel tunnels on the event loop, and when a connection is handed to one.
 
 A kernel tunnel (sockmap.py) moves a connection's bytes inside the kernel: no wake-up of this
-process per request. Joining costs CPU once, about 100-200 us per connection, more than a whole
-short connection costs in userspace (about 90 us); each request it then moves costs this
-process nothing, where the userspace Flow costs it about 30 us per message (one wake-up, a
-recv and a send in Python). So the modes differ in when they join:
+process per request. Joining costs this process 110-140 us once, more than a whole short
+connection costs in userspace (about 90 us); each round trip it then moves costs this process
+nothing, where the userspace Flows cost it about 35 us (two wake-ups, recv and send in Python).
+So the modes differ in when they join:
 
 - sockmap: every connection, as soon as its hello is upstream. For gateways whose connections
   are known to be long-lived; a refused join (full, busy) is tried again a second later.
 - auto: a connection starts in userspace/splice as always and is promoted once it has shown it
   is long-lived and busy: `AUTO.after` seconds old and `AUTO.wakeups` wake-ups spent. Short
-  connections (gossip push/pull, one-off RPCs, health checks) end long before and never pay
-  the join; a pooled RPC or Raft connection pays it back within a few requests. The figures
-  behind the thresholds are in docs/operations.md#pump-modes.
+  connections (gossip push/pull, one-off RPCs) end long before and never pay the join; a
+  pooled RPC or Raft connection pays it back within a few round trips. The figures behind the
+  thresholds: docs/operations.md#when-auto-promotes-and-the-figures-behind-it.
 
 Promotion waits for a quiescent moment: a tunnel is joined only while neither Flow holds a
 byte (the join's precondition); otherwise it is asked again later. Joins are spread over
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meshgw.dataplane.deadlines import Deadlines
+from meshgw.dataplane.poller import FailureHandler
 from meshgw.dataplane.sockmap import KernelTunnels, sockmap_unavailable
 
 log = logging.getLogger("meshgw.dataplane")
@@ -67,6 +68,7 @@ RETRY = frozenset({"held", "full", "busy"})  # promote() answers worth asking ag
 class Candidate(Protocol):
     """A userspace tunnel that may be promoted (tunnel.py's Tunnel)."""
 
+    closed: bool
     wakeups: int
 
     def promote(self, trigger: str) -> str:
@@ -77,14 +79,21 @@ class Candidate(Protocol):
 class KernelPlane:
     """The process's KernelTunnels, driven by the loop; one per DataPlane."""
 
-    __slots__ = ("_due", "_round", "_tick_at", "_timer", "loop", "policy", "tunnels", "waiting")
+    __slots__ = (
+        "_due", "_round", "_tick_at", "_timer", "failed", "loop", "policy", "tunnels", "waiting",
+    )  # fmt: skip
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, tunnels: KernelTunnels, policy: Promotion
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tunnels: KernelTunnels,
+        policy: Promotion,
+        failed: FailureHandler,
     ) -> None:
         self.loop = loop
         self.tunnels = tunnels
         self.policy = policy
+        self.failed = failed  # a bug met promoting one connection closes only that one
         self.waiting: Deadlines = Deadlines(policy.after)  # candidates, oldest first
         self._due: deque[Candidate] = deque()  # of age, waiting for a round with room
         loop.add_reader(tunnels.fileno(), self._on_ring)
@@ -132,11 +141,18 @@ class KernelPlane:
         attempts = 0
         while due and attempts < MAX_JOINS_PER_ROUND:
             candidate = due.popleft()
+            if candidate.closed:
+                continue  # closed while it waited for a round with room
             if candidate.wakeups < self.policy.wakeups:
                 self.waiting.add(candidate, now)  # not busy (yet): look again later
                 continue
             attempts += 1
-            if candidate.promote("promotion") in RETRY:
+            try:
+                result = candidate.promote("promotion")
+            except Exception as error:
+                self.failed(candidate.promote, error)
+                continue
+            if result in RETRY:
                 self.waiting.add(candidate, now)
         self._round = self.loop.call_later(self._period(), self._promote)
 
@@ -154,7 +170,7 @@ class KernelPlane:
 
 
 def open_kernel_plane(
-    loop: asyncio.AbstractEventLoop, pump: str, max_connections: int
+    loop: asyncio.AbstractEventLoop, pump: str, max_connections: int, failed: FailureHandler
 ) -> tuple[KernelPlane | None, str | None]:
     """The plane `pump` asks for, or None and why not (None: the mode uses no kernel tunnel)."""
     policy = POLICIES.get(pump)
@@ -167,7 +183,7 @@ def open_kernel_plane(
         tunnels = KernelTunnels(min(max_connections, MAX_KERNEL_TUNNELS), KERNEL_CREDIT)
     except OSError as error:  # the probe passed, but these maps are larger: memory
         return None, f"BPF maps for {max_connections} tunnels: {error.strerror or error}"
-    return KernelPlane(loop, tunnels, policy), None
+    return KernelPlane(loop, tunnels, policy, failed), None
 
 
 def pump_unavailable(pump: str) -> str | None:

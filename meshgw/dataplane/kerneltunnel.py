@@ -126,16 +126,23 @@ class KernelTunnel:
             self.ended[direction] = True
             self._flush(direction, FLUSH_RETRY_FIRST)
 
+    def _retry(self, direction: int, delay: float) -> None:
+        """A timer's call: a bug here closes this connection only, as in a poller handler."""
+        self.retries[direction] = None
+        try:
+            self._flush(direction, delay)
+        except Exception as error:
+            self.dp.poller.failed(self._retry, error)
+
     def _flush(self, direction: int, delay: float) -> None:
         """Shut the other side for writing once everything before the EOF has reached it."""
-        self.retries[direction] = None
         if self.closed:
             return
         src = self._source(direction)
         if not self.kernel.tunnels.flushed(self.handle, src):
             self.kernel.wake()  # the rest may be bytes userspace has to forward
             self.retries[direction] = self.dp.loop.call_later(
-                delay, self._flush, direction, min(delay * 2, FLUSH_RETRY_LAST)
+                delay, self._retry, direction, min(delay * 2, FLUSH_RETRY_LAST)
             )
             return
         self.shut[direction] = True

@@ -31,7 +31,9 @@ else:  # pragma: no cover - the data plane needs Linux epoll
 MAX_EVENTS = 512
 
 Handler = Callable[[int], None]
-FailureHandler = Callable[[Handler, Exception], None]
+# Told of an exception a connection's callback raised (an event handler, or a timer's), to
+# close that connection (the callback's owner) and count it.
+FailureHandler = Callable[[Callable[..., object], Exception], None]
 
 
 class Poller:
