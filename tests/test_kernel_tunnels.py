@@ -29,7 +29,7 @@ from tests.conftest import (
     recv_exactly,
     stream,
 )
-from tests.test_dataplane import metric
+from tests.test_dataplane import metric, wait_for_tunnels
 
 pytestmark = pytest.mark.skipif(
     SOCKMAP_UNAVAILABLE is not None, reason=f"kernel tunnels: {SOCKMAP_UNAVAILABLE}"
@@ -321,6 +321,7 @@ def test_a_flush_check_that_raises_closes_that_connection_only(
     gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="sockmap")
     with connect(gw.port) as client:
         exchange(client, HELLO)
+        wait_for_tunnels(gw, 1)  # an EOF before the join would have it refused
         client.shutdown(socket.SHUT_WR)
         assert closed_by_peer(client)
     gw.wait_idle()
