@@ -327,3 +327,22 @@ def test_a_flush_check_that_raises_closes_that_connection_only(
     gw.wait_idle()
     assert joins(gw, "start") == 1
     assert metric(gw.admin_port, "meshgw_internal_errors_total") == 1
+
+
+def test_maps_the_kernel_refuses_leave_the_gateway_in_userspace(
+    monkeypatch, caplog, gateway_factory, backend_factory
+):
+    import errno
+
+    def no_memory(capacity: int, credit: int) -> sockmap.KernelTunnels:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(kernelplane, "KernelTunnels", no_memory)
+    server = backend_factory(echo)
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="sockmap")
+    assert gw.gateway.listener.pump_mode == "auto"  # type: ignore[union-attr]
+    assert "kernel tunnels off in this process: BPF maps for" in caplog.text
+    assert "Cannot allocate memory" in caplog.text
+    with connect(gw.port) as client:
+        exchange(client, HELLO)
+    assert metric(gw.admin_port, "meshgw_kernel_tunnel_capacity") == 0

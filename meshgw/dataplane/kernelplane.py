@@ -172,17 +172,28 @@ class KernelPlane:
 def open_kernel_plane(
     loop: asyncio.AbstractEventLoop, pump: str, max_connections: int, failed: FailureHandler
 ) -> tuple[KernelPlane | None, str | None]:
-    """The plane `pump` asks for, or None and why not (None: the mode uses no kernel tunnel)."""
+    """The plane `pump` asks for, or None and why not, a reason that holds for every process
+    (None: the mode uses no kernel tunnel, or this process's failure was logged already)."""
     policy = POLICIES.get(pump)
     if policy is None:
         return None, None
     reason = sockmap_unavailable()
     if reason is not None:
         return None, reason
+    capacity = min(max_connections, MAX_KERNEL_TUNNELS)
     try:
-        tunnels = KernelTunnels(min(max_connections, MAX_KERNEL_TUNNELS), KERNEL_CREDIT)
-    except OSError as error:  # the probe passed, but these maps are larger: memory
-        return None, f"BPF maps for {max_connections} tunnels: {error.strerror or error}"
+        tunnels = KernelTunnels(capacity, KERNEL_CREDIT)
+    except OSError as error:
+        # The probe passed, but maps this large were refused (memory): this process only, so
+        # it says so itself (whichever worker it is), and goes on without.
+        log.warning(
+            "kernel tunnels off in this process: BPF maps for %d tunnels: %s; --pump %s "
+            "moves bytes with splice and userspace",
+            capacity,
+            error.strerror or error,
+            pump,
+        )
+        return None, None
     return KernelPlane(loop, tunnels, policy, failed), None
 
 
