@@ -26,12 +26,16 @@ RUN pip install /tmp/meshgw \
 USER 10001:10001
 EXPOSE 8443
 
-# The admin face listens on 127.0.0.1:19100 by default: inside the container's own network
-# namespace, which is where this check runs. slim has no curl, hence Python.
+# `meshgw health --pid 1` reads the settings of the gateway (PID 1: its flags after the image
+# name, its MESHGW_* variables, its --config file) the way `meshgw run` loaded them, and asks
+# its admin face for /healthz: the check follows MESHGW_ADMIN, `docker run meshgw --admin ...`
+# and a config file alike. It runs in the container's own network namespace, so the default
+# 127.0.0.1:19100 is reachable (a 0.0.0.0 admin is asked on 127.0.0.1).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; h, _, p = os.environ.get('MESHGW_ADMIN', '127.0.0.1:19100').rpartition(':'); h = '127.0.0.1' if h in ('', '0.0.0.0') else h; urllib.request.urlopen(f'http://{h}:{p}/healthz', timeout=2)"]
+    CMD ["meshgw", "health", "--pid", "1"]
 
-# SIGTERM drains (docker stop's default 10 s grace is shorter than MESHGW_DRAIN_TIMEOUT's 30 s
-# default: use `docker stop -t 40`, or lower MESHGW_DRAIN_TIMEOUT).
+# SIGTERM deregisters, keeps accepting for MESHGW_DRAIN_DELAY (5 s), then drains for
+# MESHGW_DRAIN_TIMEOUT (30 s). docker stop's default 10 s grace is shorter: use
+# `docker stop -t 45`, or lower the two.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["meshgw", "run"]

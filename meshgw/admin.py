@@ -39,7 +39,7 @@ MAX_REQUEST_BYTES = 8192  # request line and headers; the admin port takes no bo
 
 @dataclass(frozen=True)
 class AdminViews:
-    routes: Callable[[], dict[str, Any]]
+    routes: Callable[[], Awaitable[dict[str, Any]]]
     topology: Callable[[], dict[str, Any]]
     # (ready, reason): ready once the listener is up and a first usable topology exists.
     ready: Callable[[], tuple[bool, str]]
@@ -130,7 +130,7 @@ class AdminServer:
         if path == "/metrics":
             return Reply(200, await views.metrics(), CONTENT_TYPE_LATEST)
         if path == "/v1/routes":
-            return _json(views.routes())
+            return _json(await views.routes())
         if path == "/v1/topology":
             return _json(views.topology())
         return Reply(404, b"not found: /metrics /healthz /ready /v1/routes /v1/topology\n")

@@ -172,9 +172,10 @@ def _add_commands(main: click.Group) -> None:
     from meshgw.bench.cli import bench_command
     from meshgw.demo import demo_command
     from meshgw.doctor import doctor_command
+    from meshgw.healthcheck import health_command
     from meshgw.tls.cli import tls_group
 
-    for command in (tls_group, demo_command, doctor_command, bench_command):
+    for command in (tls_group, demo_command, doctor_command, bench_command, health_command):
         main.add_command(command)
 
 

@@ -83,6 +83,7 @@ class DataPlaneStats:
         "bytes",
         "connect_seconds",
         "connections",
+        "down",
         "hello_bytes",
         "hello_seconds",
         "internal_errors",
@@ -110,6 +111,7 @@ class DataPlaneStats:
         self.active: Callable[[], int] = lambda: 0  # the listener says how many are open
         self.pipe_shortages: Callable[[], int] = lambda: 0  # and how often no pipe was had
         self.pipes_open: Callable[[], int] = lambda: 0
+        self.down: Callable[[], dict[str, str]] = dict  # upstream addresses seen failing
         # Kernel tunnels (BPF sockmap): joins by trigger; the rest the data plane answers.
         self.kernel_joins: defaultdict[str, int] = defaultdict(int)
         self.kernel_capacity = 0
@@ -183,6 +185,15 @@ class _DataPlaneCollector(Collector):
             "budget is spent or the open-file limit reached).",
             value=stats.pipe_shortages(),
         )
+        down = GaugeMetricFamily(
+            "meshgw_upstream_down",
+            "1 for each upstream address tried last for now after failing (passive health), "
+            "with its last error.",
+            labels=["address", "reason"],
+        )
+        for address, reason in sorted(stats.down().items()):
+            down.add_metric([address, reason], 1)
+        yield down
         yield GaugeMetricFamily(
             "meshgw_splice_pipes_open",
             "Splice pipes open now, moving bytes or kept for reuse (two descriptors each).",

@@ -29,14 +29,26 @@ from meshgw.dataplane import PUMP_MODES
 from meshgw.durations import go_duration, parse_duration
 from meshgw.topology import (
     DEFAULT_PARTITION,
+    ClusterSettings,
     Endpoint,
     GatewayKey,
+    Peering,
+    PeerRoute,
     ServiceKey,
     Source,
     TopologyPart,
 )
 from meshgw.wire.clienthello import DEFAULT_MAX_HELLO_BYTES
-from meshgw.wire.names import is_valid_datacenter, is_valid_node_name, normalize_host_name
+from meshgw.wire.names import (
+    PeeredServiceName,
+    PeeringServerName,
+    is_valid_datacenter,
+    is_valid_label,
+    is_valid_node_name,
+    normalize_host_name,
+    parse_sni,
+    peered_service_sni,
+)
 
 ENV_PREFIX = "MESHGW_"
 # Variables under this prefix belong to meshgw's own plumbing (worker processes, the bench),
@@ -45,6 +57,7 @@ ENV_INTERNAL_PREFIX = "MESHGW_X_"
 CONFIG_ENV = "MESHGW_CONFIG"
 CONSUL_ADDR_ENV = "CONSUL_HTTP_ADDR"
 DEFAULT_GATEWAY_PORT = 8443  # Consul's default for a mesh gateway (`consul connect envoy`)
+DEFAULT_CONNECT_TIMEOUT = 5.0  # Consul's, when neither settings nor Proxy.Config say
 # A ClientHello with post-quantum key shares takes about 1.8 KB; a cap below this refuses
 # real clients. Above the maximum, a hello is an attack, not a client.
 MIN_HELLO_BYTES = 2048
@@ -219,12 +232,53 @@ def parse_gateways(value: Any) -> dict[str, list[Address]]:
 
 
 def parse_services(value: Any) -> dict[str, list[Address]]:
+    """NAME=HOST:PORT, or SUBSET.NAME=HOST:PORT for an instance of a service-resolver subset."""
     services: dict[str, list[Address]] = {}
     for name, address in _pairs(value):
-        if normalize_host_name(name) is None or "." in name:
-            raise ValueError(f"{name!r} is not a service name: one DNS label")
+        labels = name.lower().split(".")
+        if len(labels) > 2 or not all(is_valid_label(label) for label in labels):
+            raise ValueError(f"{name!r} is not a service name (one DNS label) or SUBSET.SERVICE")
         services.setdefault(name.lower(), []).append(parse_address(address))
     return services
+
+
+def parse_peer_servers(value: Any) -> dict[str, list[Address]]:
+    """PEER-SERVER-NAME=HOST:PORT: where a peering's PeerServerName is dialled."""
+    found: dict[str, list[Address]] = {}
+    for name, address in _pairs(value):
+        if not isinstance(parse_sni(name), PeeringServerName):
+            raise ValueError(
+                f"{name!r} is not a peering's server name (server.<dc>.peering.<trust-domain>)"
+            )
+        found.setdefault(name.lower(), []).append(parse_address(address))
+    return found
+
+
+def parse_peer_exports(value: Any) -> dict[str, list[str]]:
+    """SERVICE=PEER[/PROTOCOL]: a local service exported to a peer; http, http2 and grpc ones
+    are refused by name (a gateway that never terminates TLS cannot serve them)."""
+    found: dict[str, list[str]] = {}
+    for service, target in _pairs(value):
+        peer, _, protocol = target.partition("/")
+        protocol = protocol.lower() or "tcp"
+        if not is_valid_label(service.lower()) or not is_valid_label(peer.lower()):
+            raise ValueError(f"{service}={target!r} is not SERVICE=PEER[/PROTOCOL]")
+        if protocol not in {"tcp", "http", "http2", "grpc"}:
+            raise ValueError(f"{protocol!r} is not one of tcp, http, http2, grpc")
+        found.setdefault(service.lower(), []).append(f"{peer.lower()}/{protocol}")
+    return found
+
+
+def parse_peer_imports(value: Any) -> dict[str, list[Address]]:
+    """SNI=HOST:PORT: an imported service's name (its PeerMeta.SNI) and the exporter's gateway."""
+    found: dict[str, list[Address]] = {}
+    for name, address in _pairs(value):
+        if not isinstance(parse_sni(name), PeeredServiceName):
+            raise ValueError(
+                f"{name!r} is not a peered service name (<svc>.<ns>.<ap>.<peer>.external.<td>)"
+            )
+        found.setdefault(name.lower(), []).append(parse_address(address))
+    return found
 
 
 def parse_addresses(value: Any) -> list[Address]:
@@ -336,11 +390,60 @@ class Settings:
     service: dict[str, list[Address]] = setting(
         {}, parse_services, "A local mesh service instance.", metavar="NAME=HOST:PORT"
     )
+    peering_server: list[Address] = setting(
+        [],
+        parse_addresses,
+        "A local server's gRPC TLS address peers dial (routes server.<dc>.peering.<td>).",
+        metavar="HOST:PORT",
+    )
+    peer_server: dict[str, list[Address]] = setting(
+        {},
+        parse_peer_servers,
+        "Where a peering's server name is dialled.",
+        metavar="NAME=HOST:PORT",
+    )
+    peer_export: dict[str, list[str]] = setting(
+        {},
+        parse_peer_exports,
+        "A local service exported to a peer (--service gives its instances).",
+        metavar="SERVICE=PEER[/PROTOCOL]",
+    )
+    peer_import: dict[str, list[Address]] = setting(
+        {},
+        parse_peer_imports,
+        "An imported service's name and the exporting peer's gateway.",
+        metavar="SNI=HOST:PORT",
+    )
+    service_watch_limit: int = setting(
+        256,
+        int_between(1, 100_000),
+        "Local services watched at once; a larger catalog is watched on demand.",
+        metavar="N",
+        restart=True,
+    )
+    proxy_protocol: str = setting(
+        "off",
+        choice("off", "accept"),
+        "Read a PROXY protocol v1/v2 header from a load balancer before the ClientHello.",
+        restart=True,
+    )
+    proxy_protocol_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = setting(
+        [],
+        parse_networks,
+        "An address range allowed to send a PROXY header (anything else is refused).",
+        metavar="CIDR",
+        restart=True,
+    )
     hello_timeout: float = setting(
         10.0, _TIMEOUT, "Time to receive the whole ClientHello.", metavar="DURATION", restart=True
     )
-    connect_timeout: float = setting(
-        5.0, _TIMEOUT, "Time to connect to one upstream.", metavar="DURATION", restart=True
+    connect_timeout: float | None = setting(
+        None,
+        _TIMEOUT,
+        "Time to connect to one upstream; a service-resolver's ConnectTimeout wins for its "
+        "service.",
+        metavar="DURATION",
+        show="Consul's connect_timeout_ms, else 5s",
     )
     idle_timeout: float | None = setting(
         None,
@@ -524,6 +627,16 @@ class Settings:
             raise SettingsError(
                 "--primary-gateway needs --primary-dc naming the primary datacenter"
             )
+        if (self.peer_export or self.peering_server) and self.trust_domain is None:
+            raise SettingsError(
+                "--peer-export and --peering-server name this cluster's trust domain: set "
+                "--trust-domain too"
+            )
+        if self.proxy_protocol == "accept" and not self.proxy_protocol_from:
+            raise SettingsError(
+                "--proxy-protocol accept needs --proxy-protocol-from CIDR: the load balancers' "
+                "addresses (a header from anyone else would let them pick their own address)"
+            )
 
     def warnings(self) -> list[str]:
         """Settings that load but leave something unroutable: said at start and in /ready."""
@@ -557,27 +670,65 @@ class Settings:
         return self.workers or available_cpus()
 
     def static_topology(self) -> TopologyPart:
-        """What the settings themselves say about the federation."""
-
-        def endpoint(address: Address) -> Endpoint:
-            return Endpoint(address.host, address.port, source=Source.STATIC)
-
+        """What the settings themselves say about the federation and the peerings."""
+        services = {
+            _service_key(name): _endpoints(addresses) for name, addresses in self.service.items()
+        }
         return TopologyPart(
             source=Source.STATIC,
             datacenter=self.dc,
             domain=self.domain,
             trust_domain=self.trust_domain,
             primary_datacenter=self.primary_dc,
-            servers={node: endpoint(a) for node, a in self.server.items()},
+            servers={node: _endpoint(a) for node, a in self.server.items()},
             gateways={
-                GatewayKey(*key.split("/")): tuple(endpoint(a) for a in addresses)
+                GatewayKey(*key.split("/")): _endpoints(addresses)
                 for key, addresses in self.gateway.items()
             },
-            services={
-                ServiceKey(name): tuple(endpoint(a) for a in addresses)
-                for name, addresses in self.service.items()
+            services=services,
+            # Given here, it wins over Consul's Proxy.Config (this part comes later).
+            cluster_defaults=ClusterSettings(connect_timeout=self.connect_timeout),
+            peering=self._static_peering(services),
+        )
+
+    def _static_peering(self, services: Mapping[ServiceKey, tuple[Endpoint, ...]]) -> Peering:
+        exports: dict[str, PeerRoute] = {}
+        refused: set[str] = set()
+        for service, targets in self.peer_export.items():
+            for target in targets:
+                peer, _, protocol = target.partition("/")
+                assert self.trust_domain is not None  # check() says so
+                sni = peered_service_sni(service, "default", "default", peer, self.trust_domain)
+                if protocol in {"http", "http2", "grpc"}:
+                    refused.add(sni)
+                else:
+                    exports[sni] = PeerRoute(peer, services.get(ServiceKey(service), ()))
+        return Peering(
+            local_servers=_endpoints(self.peering_server),
+            remote_servers={
+                name: PeerRoute(name.split(".")[1], _endpoints(addresses))
+                for name, addresses in self.peer_server.items()
+            },
+            exports=exports,
+            exports_l7=frozenset(refused),
+            imports={
+                name: PeerRoute(name.split(".")[3], _endpoints(addresses))
+                for name, addresses in self.peer_import.items()
             },
         )
+
+
+def _endpoint(address: Address) -> Endpoint:
+    return Endpoint(address.host, address.port, source=Source.STATIC)
+
+
+def _endpoints(addresses: list[Address]) -> tuple[Endpoint, ...]:
+    return tuple(_endpoint(a) for a in addresses)
+
+
+def _service_key(name: str) -> ServiceKey:
+    subset, _, service = name.rpartition(".")
+    return ServiceKey(service, subset=subset or None)
 
 
 _SPECS = {f.name: f for f in fields(Settings)}

@@ -145,6 +145,7 @@ def gateway_factory() -> Iterator[Callable[..., GatewayThread]]:
         values.setdefault("access_log", False)
         values.setdefault("drain_timeout", 2)
         values.setdefault("workers", 1)  # in this process, so tests can look inside
+        values.setdefault("drain_delay", 0)  # tests of the drain window set it
         settings = Settings.load(values)
         gw = GatewayThread(settings).start()
         started.append(gw)
@@ -166,6 +167,8 @@ class GatewayProcess:
     ) -> None:
         if "--workers" not in args:
             args = [*args, "--workers", "1"]  # one process: its descriptors are the gateway's
+        if "--drain-delay" not in args:
+            args = [*args, "--drain-delay", "0"]  # tests of the drain window set it
         self.args = args
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(

@@ -21,8 +21,12 @@ async def _metrics() -> bytes:
     return b"meshgw_up 1\n"
 
 
+async def _routes() -> dict:
+    return {"routes": []}
+
+
 VIEWS = AdminViews(
-    routes=lambda: {"routes": []},
+    routes=_routes,
     topology=lambda: {"datacenter": "dc1"},
     ready=lambda: (True, "ready"),
     metrics=_metrics,

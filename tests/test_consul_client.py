@@ -33,13 +33,9 @@ from meshgw.control.consul import (
     RateLimit,
     Response,
     Secret,
-    TokenBucket,
-    WatchState,
-    acl_hint,
-    go_duration,
-    parse_duration,
-    watch,
 )
+from meshgw.control.consul.blocking import TokenBucket
+from meshgw.control.consul.client import acl_hint
 from meshgw.simconsul import GATEWAY_BODY, AclToken, SimConsul
 from meshgw.tls.certs import create_ca, create_cert
 
@@ -261,8 +257,6 @@ async def test_get_parses_body_index_and_leader(double: SimConsul) -> None:
         assert isinstance(answer, Response)
         assert [e["Node"]["Node"] for e in answer.body] == ["consul-server-0"]
         assert answer.index >= 1
-        assert answer.known_leader is True
-        assert answer.last_contact_ms == 0
         me = await client.get("agent/self")  # "/v1/" is implied
         assert me.body["Config"]["Datacenter"] == "dc1"
         assert me.index == 0  # agent/self sends no X-Consul-Index
@@ -469,7 +463,9 @@ async def test_watch_yields_on_change_and_not_on_timeout(double: SimConsul) -> N
     path = "/v1/health/service/consul"
     async with ConsulClient(config_for(double)) as client:
         queue: asyncio.Queue[Response] = asyncio.Queue()
-        task = asyncio.create_task(collect(watch(client, path, wait="200ms", **FAST), queue))
+        task = asyncio.create_task(
+            collect(BlockingQuery(client, path, wait="200ms", **FAST), queue)
+        )
         try:
             first = await asyncio.wait_for(queue.get(), 5)
             assert len(first.body) == 1
@@ -539,15 +535,13 @@ async def test_watch_backs_off_while_down_and_recovers(double: SimConsul) -> Non
             await double.raft.wait_blocked_async(1)
             await double.down()
             await asyncio.wait_for(failing.wait(), 5)
-            assert query.state is WatchState.FAILING
             assert query.last is first  # the last good answer is kept
-            assert isinstance(query.last_error, ConsulUnavailable)
             double.servers.add("consul-server-1", "10.0.0.11")
             await double.up()
             await asyncio.wait_for(recovered.wait(), 5)
             second = await asyncio.wait_for(queue.get(), 5)
             assert len(second.body) == 2
-            assert query.state is WatchState.OK and query.failures == 0
+            assert query.failures == 0
         finally:
             await stop(task)
     assert [f for _, f, _ in errors[:3]] == [1, 2, 3]
@@ -561,18 +555,12 @@ async def test_watch_survives_forbidden_and_garbage(double: SimConsul) -> None:
     double.faults.garbage(path, times=1)
     seen: list[type] = []
     async with ConsulClient(config_for(double)) as client:
-        query = watch(client, path, on_error=lambda exc, n, d: seen.append(type(exc)), **FAST)
+        query = BlockingQuery(
+            client, path, on_error=lambda exc, n, d: seen.append(type(exc)), **FAST
+        )
         answer = await asyncio.wait_for(anext(aiter(query)), 5)
     assert seen == [ConsulForbidden, ConsulBadResponse]
     assert answer.body == {}
-
-
-async def test_watch_state_after_the_first_answer(double: SimConsul) -> None:
-    async with ConsulClient(config_for(double)) as client:
-        query = BlockingQuery(client, "/v1/health/service/consul", wait="1s", **FAST)
-        answer = await asyncio.wait_for(anext(aiter(query)), 5)
-        assert repr(query).startswith("BlockingQuery(/v1/health/service/consul, state=ok")
-        assert answer.index == query.index
 
 
 # --- pieces -----------------------------------------------------------------------------------
@@ -596,18 +584,6 @@ async def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert 3 / 50 - 0.01 <= elapsed < 1.0
     with pytest.raises(ValueError):
         TokenBucket(RateLimit(rate=0))
-
-
-def test_durations() -> None:
-    assert go_duration(300) == "300s"
-    assert go_duration(0.5) == "500ms"
-    assert go_duration(1.25) == "1250ms"
-    assert parse_duration("5m") == 300
-    assert parse_duration("1m30s") == 90
-    assert parse_duration(2) == 2.0
-    for bad in ("5", "soon", "-1s"):
-        with pytest.raises(ValueError):
-            parse_duration(bad)
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import pytest
+
 from meshgw.bench.hellos import python_hello
 from meshgw.control import discovery
+from meshgw.control.consul.client import Response
 from meshgw.control.registrar import GatewayRegistration, Registrar
 from meshgw.simconsul import GATEWAY_BODY, AclToken
 from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
@@ -84,9 +87,25 @@ def test_registration_without_addresses_or_wan_federation(consul, gateway_factor
     double.requests.wait_for("/v1/agent/service/register")
     body = double.requests.find("/v1/agent/service/register")[0].json
     assert body["Name"] == "gw-east" and body["ID"] == "gw-1"
-    assert body["Address"] == "" and body["Port"] == gw.port
-    assert "TaggedAddresses" not in body and "Meta" not in body
+    # Without --address: what --listen really binds (127.0.0.1 here), so the check finds it.
+    assert body["Address"] == "127.0.0.1" and body["Port"] == gw.port
+    assert body["TaggedAddresses"] == {"lan": {"Address": "127.0.0.1", "Port": gw.port}}
+    assert "Meta" not in body
     assert body["Check"]["TCP"] == f"127.0.0.1:{gw.port}"
+
+
+@pytest.mark.parametrize(("bind_addr", "loopback"), [("0.0.0.0", "127.0.0.1"), ("::", "[::1]")])
+def test_listening_everywhere_registers_consuls_way_and_checks_the_agents_loopback(
+    consul, gateway_factory, bind_addr, loopback
+) -> None:
+    double = consul(bind_addr=bind_addr)
+    gw = gateway_factory(consul=double.url, register=True, listen="0.0.0.0:0")
+    double.requests.wait_for("/v1/agent/service/register")
+    body = double.requests.find("/v1/agent/service/register")[0].json
+    assert body["Address"] == "" and body["Port"] == gw.port
+    assert "TaggedAddresses" not in body
+    # As `consul connect envoy`: ::1 when the agent is dual-stack (its BindAddr is IPv6).
+    assert body["Check"]["TCP"] == f"{loopback}:{gw.port}"
 
 
 def test_agent_losing_the_registration_gets_it_back(consul, gateway_factory) -> None:
@@ -118,6 +137,10 @@ class StalledRegisterClient:
         if path.endswith("/register"):
             self.register_sent.set()
             await asyncio.Event().wait()
+
+    async def get(self, path: str, **_: Any) -> Response:
+        assert path == "/v1/agent/self"  # the registrar asks which loopback the agent has
+        return Response(body={"Config": {"BindAddr": "0.0.0.0"}}, index=1)
 
 
 async def test_stop_during_a_register_in_flight_still_deregisters() -> None:
@@ -153,8 +176,8 @@ class HeldFirstPutClient:
         if len(self.puts) == 1:
             await self.release.wait()
 
-    async def get(self, path: str) -> Any:
-        return {}
+    async def get(self, path: str, **_: Any) -> Response:
+        return Response(body={"Config": {}}, index=1)
 
 
 async def test_settings_replaced_during_a_register_in_flight_are_sent() -> None:
@@ -199,6 +222,27 @@ def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
     assert gw.wait_exit(WAIT) == 0
 
 
+def test_sigterm_keeps_accepting_through_the_drain_delay(
+    consul, gateway_process, backend_factory
+) -> None:
+    server = marker_backend(backend_factory, b"server-0")
+    double = consul()
+    gw = gateway_process(
+        "--dc", "dc1", "--consul", double.url, "--register", "--expose-servers",
+        "--server", f"s0=127.0.0.1:{server.port}", "--listen", "127.0.0.1:0",
+        "--admin", "127.0.0.1:0", "--drain-delay", "30",
+    ).wait_listening()  # fmt: skip
+    double.requests.wait_for("/v1/agent/service/register")
+    gw.signal(signal.SIGTERM)
+    gw.wait_for("deregistered; still accepting")
+    assert double.agent.service("mesh-gateway") is None  # sidecars learn of it from now on
+    assert not ready(gw.admin_port)  # /ready says so from the start of the window
+    assert ask(gw.port, "s0.server.dc1.consul") == b"server-0"  # and connections still work
+    gw.signal(signal.SIGTERM)  # a second one: no more waiting
+    gw.wait_for("draining")
+    assert gw.wait_exit(WAIT) == 0
+
+
 # --- discovery ---------------------------------------------------------------------------------
 
 
@@ -221,10 +265,8 @@ def test_routes_from_discovered_servers_and_federation_states(
     assert ask(gw.port, f"web.default.dc2.internal.{TD}") == b"dc2-gateway"
     topology = admin_json(gw.admin_port, "/v1/topology")
     assert topology["datacenter"] == "dc1" and topology["trust_domain"] == TD
-    assert (
-        "/v1/internal/federation-states/mesh-gateways"
-        in topology["sources"]["consul"]["watches"]["indexes"]
-    )
+    watched = topology["sources"]["consul"]["watches"]["sources"]
+    assert watched["federation-states"]["index"] > 0
 
 
 def test_a_dotted_server_node_name_does_not_stop_discovery(

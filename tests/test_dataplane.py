@@ -454,7 +454,7 @@ def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory, pum
         pump=pump,
     )
     hello = python_hello("server.dc2.consul")
-    for _ in range(4):  # round robin starts on each endpoint in turn
+    for _ in range(4):  # whichever endpoint comes first, the client gets through
         with connect(gw.port) as client:
             client.sendall(hello)
             client.shutdown(socket.SHUT_WR)
@@ -468,7 +468,8 @@ def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory, pum
         datacenter="dc2",
         reason="econnrefused",
     )
-    assert failures >= 2
+    # Once refused, the endpoint is tried last for a while (passive health): at least once.
+    assert failures >= 1
 
 
 def test_every_endpoint_down_closes_the_client(gateway_factory):
@@ -850,6 +851,7 @@ def test_closed_connections_are_freed_without_the_cycle_collector(
 ):
     """A connection and its flows go as soon as it closes: no garbage left for the collector,
     whose walks over thousands of connections would cost every connection CPU."""
+    from meshgw.dataplane.dialer import Dialer
     from meshgw.dataplane.kerneltunnel import KernelTunnel
     from meshgw.dataplane.opening import Opening
     from meshgw.dataplane.pump import Flow
@@ -872,7 +874,8 @@ def test_closed_connections_are_freed_without_the_cycle_collector(
                 assert recv_all(client) == b"hi"
         gw.wait_idle()
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, Opening | Tunnel | Flow | KernelTunnel)]
+        kinds = Opening | Dialer | Tunnel | Flow | KernelTunnel
+        left = [o for o in gc.garbage if isinstance(o, kinds)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()

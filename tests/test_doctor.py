@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -52,6 +53,9 @@ def _no_consul_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "CONSUL_CLIENT_KEY",
     ):
         monkeypatch.delenv(var, raising=False)
+    # Nor the developer's MESHGW_*: they would be taken as the gateway's settings.
+    for var in [v for v in os.environ if v.startswith("MESHGW_")]:
+        monkeypatch.delenv(var)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +156,7 @@ def federation(consul, gateway_factory, backend_factory, pki) -> Callable[..., F
 
 
 def tls_args(pki: dict[str, Path], *, cert: bool = True) -> list[str]:
-    args = ["--ca-file", str(pki["ca"])]
+    args = ["--server-ca-file", str(pki["ca"])]
     if cert:
         args += ["--cert", str(pki["dc1"]), "--key", str(pki["dc1-key"])]
     return args
@@ -205,12 +209,12 @@ def test_without_a_client_certificate_the_name_is_still_checked(federation, pki)
     assert all("demanded a client certificate" in r["detail"] for r in tls)
 
 
-def test_without_a_ca_file_the_tls_check_is_skipped(consul) -> None:
+def test_without_a_server_ca_file_the_tls_check_is_skipped(consul) -> None:
     double = consul()
     catalog(double)
     result = doctor("--consul", double.url)
     assert result.exit_code == 0, result.output
-    assert "SKIP  tls               -: skipped: no --ca-file" in result.stdout
+    assert "SKIP  tls               -: skipped: no --server-ca-file" in result.stdout
 
 
 # --- (b) broken setups ---------------------------------------------------------------------------
@@ -412,7 +416,13 @@ def test_403_names_the_permission(consul, tmp_path) -> None:
         (["--consul", "ftp://127.0.0.1:8500"], "unknown protocol scheme 'ftp'"),
         (["--gateway", "nowhere"], "--gateway 'nowhere'"),
         (["--timeout", "soon"], "--timeout"),
-        (["--ca-file", "/nonexistent/ca.pem"], "--ca-file /nonexistent/ca.pem: no such file"),
+        (
+            ["--server-ca-file", "/nonexistent/ca.pem"],
+            "--server-ca-file /nonexistent/ca.pem: no such file",
+        ),
+        (["--ca-file", "/nonexistent/ca.pem"], "--ca-file=/nonexistent/ca.pem: no such file"),
+        (["--config", "/nonexistent/meshgw.toml"], "--config /nonexistent/meshgw.toml: no such"),
+        (["--cert", "x.pem", "--key", "y.pem"], "--cert/--key need --server-ca-file"),
         (["--cert", "x.pem"], "--cert and --key go together"),
     ],
 )
@@ -511,3 +521,126 @@ def test_client_errors_become_failures() -> None:
     assert timeout.kind is FailureKind.TIMEOUT and str(timeout) == "no answer in 5.0s"
     missing = Failure.of(ConsulHTTPError("404", status=404, body="", **where))
     assert missing.kind is FailureKind.HTTP  # only ConsulNotFound is NOT_FOUND
+
+
+# --- --ca-file is the agent's HTTPS CA, as for meshgw run ---------------------------------------
+
+
+def test_ca_file_is_the_https_api_ca(consul, pki) -> None:
+    https = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    https.load_cert_chain(pki["dc1"], pki["dc1-key"])  # valid for 127.0.0.1, signed by pki["ca"]
+    double = consul(ssl_context=https)
+    catalog(double)
+    assert double.url.startswith("https://")
+    report = as_json("--consul", double.url, "--ca-file", str(pki["ca"]))
+    assert rows(report, "agent")[0]["status"] == "pass", rows(report, "agent")
+    assert failures(report) == []
+    # Without it the system's CAs do not know the agent's certificate.
+    report = as_json("--consul", double.url)
+    assert failures(report) == [("agent", double.url)]
+    assert "CONSUL_CACERT" in rows(report, "agent")[0]["fix"]
+
+
+# --- the gateway's own settings -----------------------------------------------------------------
+
+
+def settings_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "meshgw.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("toml", "detail"),
+    [
+        ('dc = "dc1"\n', "these settings route nothing: no Consul to learn routes from"),
+        (
+            'dc = "dc1"\nserver = ["n1=10.0.0.1:8300"]\n',
+            "--server is given but --expose-servers is off: server names are not routed",
+        ),
+        (
+            'dc = "dc1"\nservice = ["web=10.0.0.1:21000"]\n',
+            "--service is given without --trust-domain",
+        ),
+        ('dc = "dc1"\npump = "magic"\n', "the gateway would not start: "),
+        ('dc = "dc1"\nexpose_server = true\n', "'expose_server' is not a setting"),
+    ],
+)
+def test_settings_that_route_nothing(consul, tmp_path, toml: str, detail: str) -> None:
+    double = consul()
+    catalog(double)
+    config = settings_file(tmp_path, toml)
+    result = doctor("--consul", double.url, "--config", config)
+    assert result.exit_code == 1
+    report = as_json("--consul", double.url, "--config", config)
+    assert set(failures(report)) == {("settings", f"--config {config}")}
+    found = rows(report, "settings")
+    assert any(detail in row["detail"] for row in found), found
+    assert all(row["status"] == "fail" and row["fix"] for row in found)
+    assert result.stdout.splitlines()[0].startswith("FAIL  settings")  # reported first
+
+
+def test_settings_that_route_pass(consul, tmp_path) -> None:
+    double = consul()
+    catalog(double)
+    toml = 'dc = "dc1"\nexpose_servers = true\nserver = ["n1=10.0.0.1:8300"]\n'
+    config = settings_file(tmp_path, toml)
+    report = as_json("--consul", double.url, "--config", config)
+    assert failures(report) == []
+    (row,) = rows(report, "settings")
+    assert row["status"] == "pass" and "routes come from the settings alone" in row["detail"]
+
+
+def test_settings_from_the_gateway_environment(consul, monkeypatch) -> None:
+    """Inside the gateway's container (kubectl exec, docker exec) its MESHGW_* are its settings."""
+    double = consul()
+    catalog(double)
+    monkeypatch.setenv("MESHGW_DC", "dc1")
+    monkeypatch.setenv("MESHGW_SERVER", "n1=10.0.0.1:8300")
+    monkeypatch.setenv("MESHGW_EXPOSE_SERVERS", "1")
+    report = as_json("--consul", double.url)
+    assert failures(report) == []
+    assert rows(report, "settings")[0]["subject"] == "MESHGW_*"
+    monkeypatch.setenv("MESHGW_EXPOSE_SERVERS", "0")
+    report = as_json("--consul", double.url)
+    assert set(failures(report)) == {("settings", "MESHGW_*")}
+    assert "--expose-servers is off" in rows(report, "settings")[0]["detail"]
+
+
+def test_registering_without_the_wanfed_meta_in_a_wanfed_datacenter(consul, tmp_path) -> None:
+    double = consul()
+    catalog(double)  # dc1's gateway carries the wanfed meta: dc1 federates through gateways
+    toml = f'consul = "{double.url}"\nregister = true\n'
+    report = as_json("--consul", double.url, "--config", settings_file(tmp_path, toml))
+    (row,) = rows(report, "settings", "fail")
+    assert "registers without --expose-servers" in row["detail"]
+    assert "Add --expose-servers" in row["fix"]
+    # With the meta it is what the datacenter needs.
+    toml += 'expose_servers = true\nwan_address = "203.0.113.5:443"\n'
+    report = as_json("--consul", double.url, "--config", settings_file(tmp_path, toml))
+    (row,) = rows(report, "settings")
+    assert row["status"] == "pass" and f"routes come from Consul at {double.url}" in row["detail"]
+
+
+def test_settings_are_checked_when_consul_is_down(tmp_path) -> None:
+    config = settings_file(tmp_path, 'dc = "dc1"\n')
+    result = doctor("--consul", f"http://127.0.0.1:{free_port()}", "--config", config)
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[0].startswith("FAIL  settings  ")
+    assert result.stdout.splitlines()[-1] == "0 passed, 2 failed, 6 skipped"
+
+
+def test_the_gateway_settings_name_the_agent_to_ask(consul, tmp_path) -> None:
+    """Inside the gateway's container `meshgw doctor` asks the agent the gateway asks."""
+    double = consul()
+    catalog(double)
+    toml = f'consul = "{double.url}"\nregister = true\nexpose_servers = true\n'
+    toml += 'wan_address = "203.0.113.5:443"\n'
+    report = as_json("--config", settings_file(tmp_path, toml))
+    assert failures(report) == []
+    assert rows(report, "agent")[0]["subject"] == double.url
+    # A token file that is not there is named by where it was set.
+    toml += 'token_file = "/nonexistent/token"\n'
+    result = doctor("--config", settings_file(tmp_path, toml))
+    assert result.exit_code == 2
+    assert "token_file of --config" in result.stderr and "/nonexistent/token" in result.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshgw.addresses import Address
-from meshgw.settings import Settings, SettingsError, specs
+from meshgw.settings import DEFAULT_CONNECT_TIMEOUT, Settings, SettingsError, specs
 from tests.conftest import REPO, WAIT
 
 
@@ -21,12 +21,9 @@ def test_defaults_are_the_documented_ones() -> None:
     s = Settings.load({"dc": "dc1"})
     assert s.listen == Address("0.0.0.0", 8443)
     assert s.admin == Address("127.0.0.1", 19100)  # loopback unless told otherwise
-    assert (s.hello_timeout, s.connect_timeout, s.idle_timeout, s.drain_timeout) == (
-        10,
-        5,
-        None,
-        30,
-    )
+    assert (s.hello_timeout, s.idle_timeout, s.drain_delay, s.drain_timeout) == (10, None, 5, 30)
+    # None: Consul's connect_timeout_ms where the gateway's Proxy.Config has it, else 5 s.
+    assert s.connect_timeout is None and DEFAULT_CONNECT_TIMEOUT == 5
     assert s.max_hello_bytes == 65536
     assert s.max_connections is None  # auto: sized from the open-file limit at start
     assert s.expose_servers is False
@@ -74,9 +71,13 @@ def test_every_setting_has_one_name(spec, tmp_path) -> None:
     assert getattr(from_flag, name) != getattr(Settings.load(base), name)
 
 
+TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
 BASES = {
     "dc": {"consul": "http://127.0.0.1:8500"},
     "primary_gateway": {"dc": "dc1", "primary_dc": "dc0"},
+    "peering_server": {"dc": "dc1", "trust_domain": TD},
+    "peer_export": {"dc": "dc1", "trust_domain": TD},
+    "proxy_protocol": {"dc": "dc1", "proxy_protocol_from": "10.0.0.0/8"},
 }
 SAMPLES: dict[str, str | list[str]] = {
     "dc": "dc9",
@@ -88,6 +89,13 @@ SAMPLES: dict[str, str | list[str]] = {
     "server": ["n1=10.0.0.1:8300"],
     "gateway": ["dc2=10.2.0.1:443"],
     "service": ["web=10.0.1.1:20000"],
+    "peering_server": ["10.0.0.1:8503"],
+    "peer_server": [f"server.dc9.peering.{TD}=192.0.2.9:443"],
+    "peer_export": ["web=cluster-02"],
+    "peer_import": [f"pay.default.default.cluster-01.external.{TD}=192.0.2.7:443"],
+    "service_watch_limit": "64",
+    "proxy_protocol": "accept",
+    "proxy_protocol_from": ["10.0.0.0/8"],
     "hello_timeout": "3s",
     "connect_timeout": "2s",
     "idle_timeout": "1h",

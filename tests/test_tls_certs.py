@@ -138,13 +138,15 @@ def _invoke(args: list[str], cwd: Path | None = None) -> Result:
         os.chdir(old)
 
 
-def _assert_refused(result: Result, *needles: str) -> None:
-    """One `Error:` line on stderr, non-zero exit, no traceback, nothing on stdout."""
-    assert result.exit_code != 0
+def _assert_refused(result: Result, *needles: str, status: int = 1) -> None:
+    """One `meshgw: error:` line on stderr, exit `status` (2: a usage error), no traceback,
+    nothing on stdout."""
+    assert result.exit_code == status, result.output
     assert "Traceback" not in result.output
+    assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
+    assert lines[0].startswith("meshgw: error: ")
     for needle in needles:
         assert needle in lines[0]
 
@@ -443,7 +445,6 @@ def test_cli_ca_create_in_current_directory(tmp_path: Path) -> None:
 
     again = _invoke(["ca", "create"], cwd=tmp_path)
     _assert_refused(again, "consul-agent-ca.pem already exists")
-    assert again.exit_code == 1
     assert _load(tmp_path / "consul-agent-ca.pem") == cert
 
 
@@ -484,8 +485,9 @@ def test_cli_ca_create_options(tmp_path: Path) -> None:
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://abc.foo"]
 
     refused = _invoke(["ca", "create", "--additional-name-constraint", "x", "--dir", str(tmp_path)])
-    _assert_refused(refused, "--name-constraint")
-    _assert_refused(_invoke(["ca", "create", "--days", "0", "--dir", str(tmp_path)]), "--days")
+    _assert_refused(refused, "--name-constraint", status=2)
+    days = _invoke(["ca", "create", "--days", "0", "--dir", str(tmp_path)])
+    _assert_refused(days, "--days", status=2)
 
 
 def test_cli_cert_create_server(cert_dir: Path) -> None:
@@ -550,26 +552,31 @@ def test_cli_cert_create_with_explicit_ca(cert_dir: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("args", "needles"),
+    ("args", "needles", "status"),
     [
-        ([], ("exactly one of --server, --client or --cli",)),
-        (["--server", "--client"], ("exactly one of",)),
-        (["--server", "--client", "--cli"], ("exactly one of",)),
-        (["--client", "--node", "n1"], ("--node requires --server",)),
-        (["--cli", "--node", "n1"], ("--node requires --server",)),
-        (["--server", "--node", "n1.dc1"], ("--node", "contains a dot", "--node n1")),
-        (["--server", "--days", "0"], ("--days 0",)),
-        (["--server", "--dc", "a.b"], ("--dc", "--dc dc1")),
-        (["--server", "--additional-ipaddress", "nope"], ("--additional-ipaddress", "'nope'")),
-        (["--server", "--domain", "other"], ("other-agent-ca.pem", "meshgw tls ca create")),
+        ([], ("exactly one of --server, --client or --cli",), 2),
+        (["--server", "--client"], ("exactly one of",), 2),
+        (["--server", "--client", "--cli"], ("exactly one of",), 2),
+        (["--client", "--node", "n1"], ("--node requires --server",), 2),
+        (["--cli", "--node", "n1"], ("--node requires --server",), 2),
+        (["--server", "--node", "n1.dc1"], ("--node", "contains a dot", "--node n1"), 2),
+        (["--server", "--days", "0"], ("--days 0",), 2),
+        (["--server", "--dc", "a.b"], ("--dc 'a.b' contains a dot", "--dc dc1"), 2),
+        (["--server", "--additional-ipaddress", "nope"], ("--additional-ipaddress", "'nope'"), 2),
+        (["--server", "--domain", "other"], ("other-agent-ca.pem", "meshgw tls ca create"), 1),
+        # click's own usage errors: one line too, never the usage block.
+        (["--server", "--days", "x"], ("'--days': 'x' is not a valid integer",), 2),
+        (["--server", "--dc"], ("Option '--dc' requires an argument",), 2),
+        (["--server", "--bogus"], ("No such option '--bogus'", "--help"), 2),
+        (["-server", "-bogus"], ("No such option '--bogus'",), 2),
+        (["-server=maybe"], ("invalid boolean value 'maybe' for --server",), 2),
     ],
 )
 def test_cli_cert_create_refusals(
-    cert_dir: Path, args: list[str], needles: tuple[str, ...]
+    cert_dir: Path, args: list[str], needles: tuple[str, ...], status: int
 ) -> None:
-    result = _invoke(["cert", "create", *args, "--dir", str(cert_dir)])
-    _assert_refused(result, *needles)
-    assert result.exit_code == 1
+    result = _invoke(["cert", "create", "--dir", str(cert_dir), *args])
+    _assert_refused(result, *needles, status=status)
     assert not list(cert_dir.glob("dc1-*"))  # nothing written
 
 
@@ -742,3 +749,161 @@ def test_openssl_verify_name_constrained_ca(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert ipaddress.ip_address(_ips(cert.certificate())[0]).is_loopback
+
+
+# --------------------------------------------------------------------------- Consul's spelling
+
+
+def test_consul_single_dash_spelling_as_pasted_from_consul_docs(tmp_path: Path) -> None:
+    """`consul tls ...` commands as Consul's docs write them, with `meshgw` in front."""
+    ca = _invoke(
+        [
+            *("ca", "create", "-domain", "consul", "-days=30", "-name-constraint"),
+            *("-additional-name-constraint", "example.com", "-common-name", "Ops CA"),
+            *("-cluster-id", "abc", "-dir", str(tmp_path)),
+        ]
+    )
+    assert ca.exit_code == 0, ca.output
+    ca_cert = _load(tmp_path / "consul-agent-ca.pem")
+    assert _validity_days(ca_cert) == dt.timedelta(days=30)
+    assert ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "Ops CA"
+    permitted = _ext(ca_cert, x509.NameConstraints).value.permitted_subtrees or []
+    assert [n.value for n in permitted] == ["example.com", "consul", "localhost"]
+
+    server = _invoke(
+        [
+            *("cert", "create", "-server", "-dc", "dc2", "-node", "consul-server-0"),
+            *("-additional-dnsname", "*.server.dc2.consul", "-additional-ipaddress=10.0.0.7"),
+            *("-days", "7", "-domain", "consul"),
+            *("-ca", str(tmp_path / "consul-agent-ca.pem")),
+            *("-key", str(tmp_path / "consul-agent-ca-key.pem"), "-dir", str(tmp_path)),
+        ]
+    )
+    assert server.exit_code == 0, server.output
+    cert = _load(tmp_path / "dc2-server-consul-0.pem")
+    assert _dns(cert) == [
+        "*.server.dc2.consul",
+        "consul-server-0.server.dc2.consul",
+        "server.dc2.consul",
+        "localhost",
+    ]
+    assert _ips(cert) == ["10.0.0.7", "127.0.0.1"]
+    assert _validity_days(cert) == dt.timedelta(days=7)
+
+    # Go's boolean forms, and the two other kinds.
+    for args, stem in (
+        (["-client", "-dc=dc2"], "dc2-client-consul-0"),
+        (["-cli=true", "-server=false", "-dc", "dc2"], "dc2-cli-consul-0"),
+        (["--client=1", "--dc", "dc2"], "dc2-client-consul-1"),
+    ):
+        result = _invoke(["cert", "create", *args, "-dir", str(tmp_path)])
+        assert result.exit_code == 0, (args, result.output)
+        assert (tmp_path / f"{stem}.pem").exists(), args
+
+
+def test_a_flag_value_that_starts_with_a_dash_stays_a_value(cert_dir: Path) -> None:
+    result = _invoke(["cert", "create", "-server", "-additional-dnsname", "-dc", "-dir", "x"])
+    # '-dc' is the DNS name given, not the --dc flag; and it is no DNS name.
+    _assert_refused(result, "--additional-dnsname '-dc' is not a DNS name", status=2)
+    assert not Path("x").exists()
+
+
+@pytest.mark.parametrize("dc", ["dc_1", "dc-1", "east_us-2", "0", "a" * 50])
+def test_every_datacenter_name_consul_accepts(tmp_path: Path, dc: str) -> None:
+    """Consul's agent accepts `^[a-z0-9_-]+$`; so does `tls cert create`, name-constrained CA
+    or not, and the certificate verifies with OpenSSL too."""
+    for constrained in (False, True):
+        folder = tmp_path / str(constrained)
+        ca_args = ["ca", "create", "-dir", str(folder)]
+        assert _invoke(ca_args + (["-name-constraint"] if constrained else [])).exit_code == 0
+        args = ["cert", "create", "-server", "-dc", dc, "-node", "n_1", "-dir", str(folder)]
+        result = _invoke(args)
+        assert result.exit_code == 0, result.output
+        cert_file = folder / f"{dc}-server-consul-0.pem"
+        cert = _load(cert_file)
+        assert _dns(cert) == [f"n_1.server.{dc}.consul", f"server.{dc}.consul", "localhost"]
+        if shutil.which("openssl") is not None:
+            ok = _openssl_verify("-CAfile", str(folder / "consul-agent-ca.pem"), str(cert_file))
+            assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize(
+    ("dc", "needle"),
+    [
+        ("DC1", "--dc 'DC1' is not a Consul datacenter name: lower-case letters"),
+        ("dc 1", "--dc 'dc 1' is not a Consul datacenter name"),
+        ("dc.1", "--dc 'dc.1' contains a dot"),
+        ("", "--dc '' is not a Consul datacenter name"),
+        ("a" * 64, "at most 63 characters"),
+        # Consul takes it, but server.<dc>.consul must fit a common name.
+        ("a" * 51, "has 65 characters; an X.509 common name holds at most 64"),
+        ("dcé", "--dc 'dcé' is not a Consul datacenter name"),
+    ],
+)
+def test_datacenter_names_consul_refuses(cert_dir: Path, dc: str, needle: str) -> None:
+    result = _invoke(["cert", "create", "-dir", str(cert_dir), "-server", "-dc", dc])
+    _assert_refused(result, needle, status=2)
+    assert sorted(p.name for p in cert_dir.iterdir()) == [
+        "consul-agent-ca-key.pem",
+        "consul-agent-ca.pem",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "constraint", "within"),
+    [
+        ("server.dc_1.consul", "consul", True),
+        ("consul", "consul", True),
+        ("consul", ".consul", False),  # a leading dot: names below it only
+        ("a.consul", ".consul", True),
+        ("SERVER.dc1.Consul", "consul", True),
+        ("notconsul", "consul", False),
+        ("consul.example", "consul", False),
+        ("*.server.dc1.consul", "consul", True),
+        ("anything.at.all", "", True),
+    ],
+)
+def test_name_constraints_match_as_go_does(name: str, constraint: str, within: bool) -> None:
+    from meshgw.tls.certs import _dns_within
+
+    assert _dns_within(name, constraint) is within
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["-common-name", "x" * 65], "--common-name has 65 characters"),
+        (["-days", "99999999"], "--days 99999999 ends after the year 9999"),
+        (["-days", "-1"], "--days -1 is not a positive number"),
+        (["-domain", "a..b"], "--domain 'a..b' is not a DNS name"),
+        (["-nope"], "No such option '--nope'"),
+    ],
+)
+def test_cli_ca_create_refusals(tmp_path: Path, args: list[str], needle: str) -> None:
+    _assert_refused(_invoke(["ca", "create", "-dir", str(tmp_path), *args]), needle, status=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_cert_create_days_beyond_9999(cert_dir: Path) -> None:
+    result = _invoke(["cert", "create", "-dir", str(cert_dir), "-server", "-days", "9" * 14])
+    _assert_refused(result, "ends after the year 9999", status=2)
+
+
+def test_go_style_rewrites_only_where_a_flag_can_stand() -> None:
+    from meshgw.tls.goflags import go_style
+
+    takes = {"--dc": True, "--server": False}
+    assert go_style(["-server", "-dc", "-x", "-dc=dc2"], takes) == [
+        "--server",
+        "--dc",
+        "-x",
+        "--dc=dc2",
+    ]
+    assert go_style(["-server=false", "-server=T", "--", "-dc"], takes) == ["--server", "--", "-dc"]
+    # A group stops at its subcommand: what follows is the subcommand's to rewrite.
+    assert go_style(["-help", "cert", "-dc", "x"], {}, stop_at_word=True) == [
+        "--help",
+        "cert",
+        "-dc",
+        "x",
+    ]

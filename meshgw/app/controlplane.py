@@ -4,14 +4,17 @@ primary_gateways bootstrap. Each source publishes TopologyParts; none touches th
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from meshgw.addresses import is_ip
 from meshgw.control.bootstrap import PrimaryGateways
 from meshgw.control.consul import ConsulClient, ConsulConfig, ConsulConfigError
 from meshgw.control.discovery import Discovery
 from meshgw.control.registrar import GatewayRegistration, Registrar
+from meshgw.control.resolver import NameResolver
 from meshgw.metrics import Metrics
 from meshgw.settings import Settings, SettingsError
 from meshgw.topology import TopologyPart
@@ -40,10 +43,13 @@ class ControlPlane:
         self.registrar: Registrar | None = None
         self.listen_port = settings.listen.port
         self.tasks: list[asyncio.Task[None]] = []
+        self.resolver = NameResolver(publish)
         if settings.consul is not None or settings.register:
             try:
                 config = ConsulConfig.from_env(
-                    address=settings.consul, token_file=settings.token_file
+                    address=settings.consul,
+                    token_file=settings.token_file,
+                    ca_file=settings.ca_file,
                 )
             except ConsulConfigError as error:
                 raise SettingsError(str(error)) from None
@@ -54,6 +60,7 @@ class ControlPlane:
     async def start(self, listen_port: int) -> None:
         settings = self.settings
         loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(self.resolver.run()))
         if settings.primary_gateway and settings.primary_dc:
             bootstrap = PrimaryGateways(
                 settings.primary_dc,
@@ -76,6 +83,8 @@ class ControlPlane:
             datacenter=settings.dc,
             expose_servers=settings.expose_servers,
             gateway_service=settings.service_name,
+            gateway_id=settings.proxy_id,
+            service_watch_limit=settings.service_watch_limit,
             on_health=health,
         )
         self.tasks.append(loop.create_task(self.discovery.run()))
@@ -89,13 +98,20 @@ class ControlPlane:
             self.tasks.append(loop.create_task(self.registrar.run()))
 
     def registration(self, settings: Settings) -> GatewayRegistration:
-        address, wan = settings.address, settings.wan_address
+        address, wan, listen = settings.address, settings.wan_address, settings.listen
+        if address is not None:
+            lan: tuple[str, int] = (address.host, address.port)
+        elif is_ip(listen.host) and not ipaddress.ip_address(listen.host).is_unspecified:
+            # What the gateway really listens on, so that the check dials it there.
+            lan = (listen.host, self.listen_port)
+        else:
+            # Listening everywhere: Consul's CLI registers "" (the agent's node address) with
+            # the port; this gateway's real port is the one to advertise.
+            lan = ("", self.listen_port)
         return GatewayRegistration(
             name=settings.service_name,
             service_id=settings.proxy_id,
-            # Without --address, Consul's CLI registers "" and its default port; the port this
-            # gateway really listens on is the one to advertise.
-            address=(address.host, address.port) if address else ("", self.listen_port),
+            address=lan,
             wan_address=(wan.host, wan.port) if wan else None,
             expose_servers=settings.expose_servers,
             deregister_after_critical=settings.deregister_after_critical,
@@ -107,14 +123,13 @@ class ControlPlane:
         if self.registrar is not None:
             self.registrar.replace(self.registration(settings))
 
+    def demand(self, service: str) -> None:
+        """A connection wants a local service that is watched only on demand."""
+        if self.discovery is not None:
+            self.discovery.demand(service)
+
     def watch_status(self) -> dict[str, Any]:
-        if self.discovery is None:
-            return {}
-        return {
-            "address": self.discovery.client.config.address,
-            "indexes": dict(self.discovery.indexes),
-            "sources": self.discovery.status(),
-        }
+        return self.discovery.status() if self.discovery is not None else {}
 
     async def deregister(self) -> None:
         if self.registrar is not None:

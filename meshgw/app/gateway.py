@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
 import signal
@@ -26,8 +27,13 @@ from meshgw.dataplane.service import DataPlaneService
 from meshgw.dataplane.workers import WorkerPool, WorkerStartError
 from meshgw.metrics import Metrics, merge_metrics
 from meshgw.routing import RouteKind, RouteTable
-from meshgw.settings import DEFAULT_GATEWAY_PORT, Settings, SettingsError
-from meshgw.topology import Source, Sources, Topology, TopologyPart
+from meshgw.settings import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_GATEWAY_PORT,
+    Settings,
+    SettingsError,
+)
+from meshgw.topology import Source, Sources, Topology, TopologyPart, host_names
 
 log = logging.getLogger("meshgw")
 
@@ -35,13 +41,16 @@ log = logging.getLogger("meshgw")
 def dataplane_config(settings: Settings, budget: DescriptorBudget) -> DataPlaneConfig:
     return DataPlaneConfig(
         hello_timeout=settings.hello_timeout,
-        connect_timeout=settings.connect_timeout,
+        connect_timeout=DEFAULT_CONNECT_TIMEOUT,
         idle_timeout=settings.idle_timeout,
         max_hello_bytes=settings.max_hello_bytes,
         max_connections=budget.connections,
         max_pipes=budget.pipes,
         pump=settings.pump,
         access_log=settings.access_log,
+        proxy_protocol_from=(
+            tuple(settings.proxy_protocol_from) if settings.proxy_protocol == "accept" else None
+        ),
     )
 
 
@@ -87,6 +96,8 @@ class Gateway:
         self.budget = DescriptorBudget(0, 0)  # per process; settled at start
         self.control = ControlPlane(settings, self.update_part, self.metrics)
         self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()  # a second SIGTERM: skip the drain delay
+        self.draining = False
         self._build_error: str | None = None
         self._skip_reasons: set[str] = set()
         self.update_part(settings.static_topology())
@@ -113,6 +124,7 @@ class Gateway:
 
     def _install(self, topology: Topology, table: RouteTable) -> None:
         self.topology = topology
+        self.control.resolver.follow(host_names(topology))
         old_skipped = set(self.table.skipped)
         self.table = table
         if self.listener is not None:
@@ -162,6 +174,7 @@ class Gateway:
             await listener.drain(0)
             raise SettingsError(bind_error("--admin", settings.admin, error)) from None
         self.admin = admin
+        listener.set_demand(self.control.demand)
         # Registration waits for the listener: Consul's TCP check must find it up.
         await self.control.start(listener.port)
         log.info(
@@ -209,7 +222,7 @@ class Gateway:
         """Run until SIGTERM/SIGINT, then drain. Returns the exit status."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
+            loop.add_signal_handler(signum, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.serve()
         return 0
@@ -221,12 +234,20 @@ class Gateway:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        # Deregister first, so that Consul stops sending traffic before the drain begins.
+        # Deregister first, so that Consul stops sending traffic before the drain begins. Then
+        # keep accepting for the drain delay: sidecars in remote mode ignore a gateway's health
+        # and stop using it only once its deregistration has reached them.
+        self.draining = True
+        self.metrics.draining.set(1)
         await self.control.deregister()
         listener = self.listener
+        delay = self.settings.drain_delay
+        if listener is not None and delay > 0:
+            log.info("deregistered; still accepting", extra={"fields": {"for_s": delay}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hurry.wait(), delay)
         if listener is not None:
             listener.stop_accepting()
-            self.metrics.draining.set(1)
             open_now = await listener.open_connections()
             timeout = self.settings.drain_timeout
             log.info(
@@ -238,6 +259,11 @@ class Gateway:
         await self.control.stop()
         if self.admin is not None:
             await self.admin.stop()
+
+    def _stop_signal(self) -> None:
+        if self.stopping.is_set():
+            self.hurry.set()
+        self.stopping.set()
 
     def reload(self) -> None:
         """SIGHUP: re-read settings; routes change in place, connections stay."""
@@ -274,8 +300,9 @@ class Gateway:
         others = await self.listener.extra_metrics() if self.listener is not None else []
         return merge_metrics([own, *others]) if others else own
 
-    def table_json(self) -> dict[str, Any]:
-        return self.table.to_json()
+    async def table_json(self) -> dict[str, Any]:
+        down = await self.listener.down_endpoints() if self.listener is not None else {}
+        return self.table.to_json(down=lambda target: target.address in down)
 
     def topology_json(self) -> dict[str, Any]:
         sources: dict[str, dict[str, Any]] = {
@@ -287,6 +314,8 @@ class Gateway:
         return {**topology, "sources": sources}
 
     def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: deregistered, finishing open connections"
         if self.listener is None or not self.listener.listening:
             return False, "not listening"
         if self.topology is None:

@@ -1,10 +1,12 @@
-"""Consul's JSON → topology values. Pure: documents in, endpoints out, nothing else.
+"""Consul's catalog and health JSON → topology values. Pure: documents in, values out.
 
-The address rules are Consul's own (docs/consul.md#address-choice): a local server is reached at its
-`BestAddress(false)` (service Address, else node Address) on the `consul` service port; a remote
-gateway at its `BestAddress(true)` (service `wan` tagged address, else service Address, else node
-`wan` tagged address, else node Address). Whatever does not fit those shapes is skipped and
-reported, never raised: Consul answering nonsense must not take the gateway down.
+The rules are Consul's own (docs/consul.md#address-choice, #health-and-weights): a local server or
+service is reached at `BestAddress(false)` (service Address, else node Address) on its service
+port; a remote gateway or a peer's gateway at `BestAddress(true)` (the service's `wan` tagged
+address, else the node's). Health and weight follow what Consul hands Envoy: a critical check
+makes an endpoint unhealthy, a warning check gives it `Weights.Warning`, an effective weight below
+1 makes it unhealthy too, and weights are clamped to 1..128. Whatever does not fit those shapes is
+skipped and reported, never raised: Consul answering nonsense must not take the gateway down.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshgw.topology import DEFAULT_NAMESPACE, Endpoint, GatewayKey, ServiceKey, Source
+from meshgw.topology import DEFAULT_NAMESPACE, Endpoint, Endpoints, GatewayKey, ServiceKey, Source
 
+# The Meta key (value "1") that marks a mesh gateway as serving WAN federation; meshgw spells it
+# only here.
 WAN_FEDERATION_META = "consul-wan-federation"
+MAX_WEIGHT = 128
 
 
 class CatalogError(ValueError):
@@ -26,111 +31,145 @@ class CatalogError(ValueError):
 class Parsed:
     """Endpoints read from one answer, plus what had to be skipped and why."""
 
-    endpoints: dict[Any, tuple[Endpoint, ...]] = field(default_factory=dict)
+    endpoints: dict[Any, Endpoints] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     max_modify_index: dict[Any, int] = field(default_factory=dict)
 
 
-def _obj(value: Any) -> Mapping[str, Any]:
+def obj(value: Any) -> Mapping[str, Any]:
     """A JSON object, or an empty one for anything else (null, a string, a list)."""
     return value if isinstance(value, Mapping) else {}
 
 
-def _healthy(entry: Mapping[str, Any]) -> bool:
-    checks = entry.get("Checks") or []
-    return not any(isinstance(c, Mapping) and c.get("Status") == "critical" for c in checks)
-
-
-def _weight(service: Mapping[str, Any], healthy: bool) -> int:
-    weights = _obj(service.get("Weights"))
-    raw = weights.get("Passing", 1) if healthy else weights.get("Warning", 1)
-    try:
-        return min(max(int(raw), 1), 128)
-    except (TypeError, ValueError):
-        return 1
-
-
-def _port(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
-        return value
-    return None
-
-
-def _str(value: Any) -> str:
+def text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def lan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
-    """BestAddress(false): the service Address, else the node Address; the service Port."""
-    node, service = _obj(entry.get("Node")), _obj(entry.get("Service"))
-    host = _str(service.get("Address")) or _str(node.get("Address"))
-    port = _port(service.get("Port"))
-    return (host, port) if host and port else None
+def port(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+        return value
+    if isinstance(value, str) and value.isdigit():  # service Meta values are strings
+        return port(int(value))
+    return None
 
 
-def wan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
-    """BestAddress(true), as the gateway locator and Envoy's remote clusters use it."""
-    node, service = _obj(entry.get("Node")), _obj(entry.get("Service"))
-    port = _port(service.get("Port"))
-    tagged = _obj(service.get("TaggedAddresses"))
-    wan = tagged.get("wan") if isinstance(tagged, Mapping) else None
-    if isinstance(wan, Mapping) and _str(wan.get("Address")):
-        wan_port = _port(wan.get("Port")) or port
-        return (wan["Address"], wan_port) if wan_port else None
-    if not port:
-        return None
-    if _str(service.get("Address")):
-        return service["Address"], port
-    node_tagged = _obj(node.get("TaggedAddresses"))
-    if isinstance(node_tagged, Mapping) and _str(node_tagged.get("wan")):
-        return node_tagged["wan"], port
-    host = _str(node.get("Address"))
-    return (host, port) if host else None
-
-
-def _entries(document: Any, what: str) -> list[Mapping[str, Any]]:
+def entries(document: Any, what: str) -> list[Mapping[str, Any]]:
     if not isinstance(document, list):
         raise CatalogError(f"{what}: expected a JSON array, got {type(document).__name__}")
     return [e for e in document if isinstance(e, Mapping)]
 
 
-def local_servers(document: Any) -> Parsed:
-    """`GET /v1/health/service/consul` → node name → server RPC endpoint."""
-    parsed = Parsed()
-    for entry in _entries(document, "/v1/health/service/consul"):
-        node = _str(_obj(entry.get("Node")).get("Node"))
-        address = lan_address(entry)
-        if not node or address is None:
-            parsed.skipped.append(f"server entry without node name or address: {node or '?'}")
-            continue
-        healthy = _healthy(entry)
-        endpoint = Endpoint(*address, healthy=healthy, source=Source.CONSUL)
-        parsed.endpoints[node] = (endpoint,)
-    return parsed
+def health_and_weight(entry: Mapping[str, Any], *, only_passing: bool = False) -> tuple[bool, int]:
+    """Consul's endpoint health and weight for one health-API entry (service + checks)."""
+    weights = obj(obj(entry.get("Service")).get("Weights"))
+    weight = _int(weights.get("Passing"), 1) if weights else 1
+    healthy = True
+    for check in entry.get("Checks") or []:
+        status = obj(check).get("Status")
+        if status == "critical" or (only_passing and status != "passing"):
+            healthy = False
+        if status == "warning" and weights:
+            weight = _int(weights.get("Warning"), 1)
+    if weight < 1:  # a zero weight means: send it nothing
+        return False, 1
+    return healthy, min(weight, MAX_WEIGHT)
 
 
-def gateway_endpoints(
-    entries: list[Mapping[str, Any]], parsed: Parsed, key: GatewayKey
-) -> tuple[Endpoint, ...]:
-    endpoints = []
-    for entry in entries:
-        service = _obj(entry.get("Service"))
-        address = wan_address(entry)
-        if address is None:
-            parsed.skipped.append(
-                f"gateway {service.get('ID', '?')} in {key.datacenter}: no address"
-            )
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def best_address(entry: Mapping[str, Any], *, wan: bool) -> tuple[str, int] | None:
+    """Consul's CheckServiceNode.BestAddress: the service's address (its `wan` tagged address
+    when `wan`, whose port wins when set), else the node's (its `wan` tagged address when
+    `wan`, else its Address); the service's port."""
+    node, service = obj(entry.get("Node")), obj(entry.get("Service"))
+    host, svc_port = text(service.get("Address")), port(service.get("Port"))
+    if wan and "wan" in obj(service.get("TaggedAddresses")):
+        tagged = obj(obj(service.get("TaggedAddresses")).get("wan"))
+        host = text(tagged.get("Address"))
+        svc_port = port(tagged.get("Port")) or svc_port
+    if not host:
+        node_wan = text(obj(node.get("TaggedAddresses")).get("wan")) if wan else ""
+        host = node_wan or text(node.get("Address"))
+    return (host, svc_port) if host and svc_port else None
+
+
+def lan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
+    """Where this datacenter reaches an instance: BestAddress(false)."""
+    return best_address(entry, wan=False)
+
+
+def wan_address(entry: Mapping[str, Any]) -> tuple[str, int] | None:
+    """Where other datacenters and peers reach a gateway: BestAddress(true)."""
+    return best_address(entry, wan=True)
+
+
+def endpoint(entry: Mapping[str, Any], *, wan: bool, only_passing: bool = False) -> Endpoint | None:
+    address = best_address(entry, wan=wan)
+    if address is None:
+        return None
+    healthy, weight = health_and_weight(entry, only_passing=only_passing)
+    return Endpoint(*address, healthy=healthy, weight=weight, source=Source.CONSUL)
+
+
+def _service_id(entry: Mapping[str, Any]) -> str:
+    return text(obj(entry.get("Service")).get("ID")) or "?"
+
+
+# --- servers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Servers:
+    """`GET /v1/health/service/consul`: every server at its RPC port, and the servers peers
+    may dial (not read replicas) at their gRPC TLS port."""
+
+    rpc: dict[str, Endpoint]
+    grpc_tls: Endpoints
+    skipped: list[str]
+
+
+def local_servers(document: Any) -> Servers:
+    rpc: dict[str, Endpoint] = {}
+    grpc: list[Endpoint] = []
+    skipped: list[str] = []
+    for entry in entries(document, "/v1/health/service/consul"):
+        node = text(obj(entry.get("Node")).get("Node"))
+        found = endpoint(entry, wan=False)
+        if not node or found is None:
+            skipped.append(f"server entry without node name or address: {node or '?'}")
             continue
-        healthy = _healthy(entry)
-        endpoints.append(
-            Endpoint(
-                *address, healthy=healthy, weight=_weight(service, healthy), source=Source.CONSUL
-            )
-        )
-        index = service.get("ModifyIndex")
+        rpc[node] = found
+        meta = obj(obj(entry.get("Service")).get("Meta"))
+        if meta.get("read_replica") == "true":
+            continue
+        grpc_port = port(meta.get("grpc_tls_port"))
+        if grpc_port is None:
+            skipped.append(f"server {node}: no grpc_tls_port in its Meta, so peers cannot dial it")
+            continue
+        grpc.append(Endpoint(found.host, grpc_port, found.healthy, found.weight, Source.CONSUL))
+    return Servers(rpc, tuple(grpc), skipped)
+
+
+# --- gateways ------------------------------------------------------------------------------------
+
+
+def gateway_endpoints(items: list[Mapping[str, Any]], parsed: Parsed, key: GatewayKey) -> Endpoints:
+    found = []
+    for entry in items:
+        gateway = endpoint(entry, wan=True)
+        if gateway is None:
+            parsed.skipped.append(f"gateway {_service_id(entry)} in {key.datacenter}: no address")
+            continue
+        found.append(gateway)
+        index = obj(entry.get("Service")).get("ModifyIndex")
         if isinstance(index, int):
             parsed.max_modify_index[key] = max(parsed.max_modify_index.get(key, 0), index)
-    return tuple(endpoints)
+    return tuple(found)
 
 
 def federation_state_gateways(document: Any) -> Parsed:
@@ -140,55 +179,80 @@ def federation_state_gateways(document: Any) -> Parsed:
             "/v1/internal/federation-states/mesh-gateways: expected a JSON object of datacenters"
         )
     parsed = Parsed()
-    for dc, entries in document.items():
-        if not isinstance(entries, list):
+    for dc, items in document.items():
+        if not isinstance(items, list):
             parsed.skipped.append(f"datacenter {dc}: not a list of gateways")
             continue
         key = GatewayKey(str(dc))
-        parsed.endpoints[key] = gateway_endpoints(_entries(entries, dc), parsed, key)
+        parsed.endpoints[key] = gateway_endpoints(entries(items, dc), parsed, key)
     return parsed
 
 
-def datacenter_gateways(document: Any, dc: str) -> Parsed:
-    """`GET /v1/health/service/<gateway>?dc=X` → that datacenter's mesh gateways."""
+def gateway_names(document: Any) -> list[str]:
+    """`GET /v1/catalog/services?filter=ServiceKind == "mesh-gateway"` → their service names."""
+    if not isinstance(document, Mapping):
+        raise CatalogError("/v1/catalog/services: expected a JSON object")
+    return sorted(str(name) for name in document)
+
+
+def datacenter_gateways(documents: list[Any], dc: str) -> Parsed:
+    """`GET /v1/health/service/<name>?dc=X` of every mesh-gateway name of X → its gateways."""
     parsed = Parsed()
     key = GatewayKey(dc)
-    entries = [
+    items = [
         e
-        for e in _entries(document, f"gateways of {dc}")
-        if _obj(e.get("Service")).get("Kind") == "mesh-gateway"
+        for document in documents
+        for e in entries(document, f"gateways of {dc}")
+        if obj(e.get("Service")).get("Kind") == "mesh-gateway"
     ]
-    parsed.endpoints[key] = gateway_endpoints(entries, parsed, key)
+    parsed.endpoints[key] = gateway_endpoints(items, parsed, key)
     return parsed
 
 
-def local_service_instances(document: Any, name: str) -> Parsed:
-    """`GET /v1/health/connect/<svc>` → that service's local instances (LAN addresses)."""
+# --- services ------------------------------------------------------------------------------------
+
+
+def service_instances(
+    document: Any, name: str, *, subset: str | None = None, only_passing: bool = False
+) -> Parsed:
+    """`GET /v1/health/connect/<svc>[?filter=...]` → that service's (or subset's) local
+    instances at their LAN addresses."""
     parsed = Parsed()
-    endpoints = []
+    found = []
     namespace = DEFAULT_NAMESPACE
-    for entry in _entries(document, f"/v1/health/connect/{name}"):
-        service = _obj(entry.get("Service"))
-        address = lan_address(entry)
-        if address is None:
-            parsed.skipped.append(f"{name} instance {service.get('ID', '?')}: no address")
+    for entry in entries(document, f"/v1/health/connect/{name}"):
+        instance = endpoint(entry, wan=False, only_passing=only_passing)
+        if instance is None:
+            parsed.skipped.append(f"{name} instance {_service_id(entry)}: no address")
             continue
-        namespace = _str(service.get("Namespace")) or namespace
-        healthy = _healthy(entry)
-        endpoints.append(
-            Endpoint(
-                *address, healthy=healthy, weight=_weight(service, healthy), source=Source.CONSUL
-            )
-        )
-    parsed.endpoints[ServiceKey(name, namespace)] = tuple(endpoints)
+        namespace = text(obj(entry.get("Service")).get("Namespace")) or namespace
+        found.append(instance)
+    parsed.endpoints[ServiceKey(name, namespace, subset=subset)] = tuple(found)
     return parsed
+
+
+def imported_instances(document: Any, service: str) -> dict[str, Endpoints]:
+    """`GET /v1/health/connect/<svc>?peer=<name>` → each SNI the imported instances name
+    (`Service.Connect.PeerMeta.SNI`, the first one) → the exporter's gateways at their WAN
+    addresses."""
+    by_sni: dict[str, list[Endpoint]] = {}
+    for entry in entries(document, f"/v1/health/connect/{service}?peer"):
+        names = obj(obj(obj(entry.get("Service")).get("Connect")).get("PeerMeta")).get("SNI")
+        sni = text(names[0]).lower() if isinstance(names, list) and names else ""
+        gateway = endpoint(entry, wan=True)
+        if sni and gateway is not None:
+            by_sni.setdefault(sni, []).append(gateway)
+    return {sni: tuple(found) for sni, found in by_sni.items()}
+
+
+# --- the agent and the CA ------------------------------------------------------------------------
 
 
 def trust_domain(document: Any) -> str | None:
     """`GET /v1/connect/ca/roots` → TrustDomain (None while Connect is not set up)."""
     if not isinstance(document, Mapping):
         raise CatalogError("/v1/connect/ca/roots: expected a JSON object")
-    value = _str(document.get("TrustDomain")).strip().rstrip(".").lower()
+    value = text(document.get("TrustDomain")).strip().rstrip(".").lower()
     return value or None
 
 
@@ -198,21 +262,21 @@ class AgentIdentity:
     domain: str | None
     primary_datacenter: str | None
     node: str | None
+    dual_stack: bool = False  # the agent binds IPv6: Consul's CLI checks ::1, not 127.0.0.1
 
 
 def agent_identity(document: Any) -> AgentIdentity:
     """`GET /v1/agent/self` → the agent's datacenter, DNS domain and primary datacenter."""
     if not isinstance(document, Mapping):
         raise CatalogError("/v1/agent/self: expected a JSON object")
-    config = _obj(document.get("Config"))
-    debug = _obj(document.get("DebugConfig"))
-    domain = _str(debug.get("DNSDomain")) or _str(config.get("Domain"))
+    config = obj(document.get("Config"))
+    debug = obj(document.get("DebugConfig"))
+    domain = text(debug.get("DNSDomain")) or text(config.get("Domain"))
+    primary = text(config.get("PrimaryDatacenter")) or text(debug.get("PrimaryDatacenter"))
     return AgentIdentity(
-        datacenter=_str(config.get("Datacenter")).lower() or None,
+        datacenter=text(config.get("Datacenter")).lower() or None,
         domain=domain.rstrip(".").lower() or None,
-        primary_datacenter=(
-            _str(config.get("PrimaryDatacenter")) or _str(debug.get("PrimaryDatacenter"))
-        ).lower()
-        or None,
-        node=_str(config.get("NodeName")) or None,
+        primary_datacenter=primary.lower() or None,
+        node=text(config.get("NodeName")) or None,
+        dual_stack=":" in text(config.get("BindAddr")),
     )

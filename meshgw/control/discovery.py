@@ -1,68 +1,41 @@
-"""Learn the federation from Consul and publish it as one TopologyPart, on every change.
+"""Learn the federation and the peerings from Consul; publish them as one TopologyPart.
 
-Watches (blocking queries), each feeding one field of the part:
-- `/v1/agent/self` once: the local datacenter, DNS domain and primary datacenter;
-- `/v1/health/service/consul`: local servers (node name → RPC address), with --expose-servers;
-- `/v1/internal/federation-states/mesh-gateways`: every datacenter's gateways at their WAN address;
-- `/v1/health/service/<gateway>?dc=X` for each remote datacenter of `/v1/catalog/datacenters`:
-  the same gateways from that datacenter's own catalog. Per datacenter the fresher of the two
-  views (higher Service.ModifyIndex) wins, as Consul's gateway does since it fixed stale IPs;
-- `/v1/connect/ca/roots`: the trust domain for `*.internal.<td>` names;
-- `/v1/catalog/services` then `/v1/health/connect/<svc>`: local mesh service instances.
-
-Consul down or answering nonsense never clears what is known: each watch keeps its last good
-answer, says once in the log (and in `meshgw_consul_up{source}`) when it starts or stops failing,
-and retries with backoff.
+What is watched (blocking queries unless said), each in its own module:
+- `/v1/agent/self` once: the local datacenter, DNS domain, primary datacenter, dual stack;
+- `/v1/status/leader` every few seconds: the one way to see a hung agent;
+- `/v1/health/service/consul`: local servers (node → RPC address; and the gRPC TLS port peers
+  dial), with --expose-servers or when peering runs through gateways;
+- remote datacenters' gateways of any name (remote_gateways.py);
+- `/v1/connect/ca/roots`: the trust domain for mesh names;
+- local mesh services and their subsets (local_services.py);
+- this gateway's central config: its merged `Proxy.Config` (`/v1/agent/service/<id>`) and its
+  service-defaults' connection limit (gateway config below);
+- peering: the switch, peerings, exports and imports (peerings.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from meshgw.control import catalog
-from meshgw.control.consul import (
-    Backoff,
-    BlockingQuery,
-    ConsulClient,
-    ConsulForbidden,
-    ConsulRequestError,
-    RateLimit,
-    Response,
-)
-from meshgw.topology import Endpoint, GatewayKey, ServiceKey, Source, TopologyPart
+from meshgw.control import catalog, central
+from meshgw.control.consul.client import ConsulClient, Response
+from meshgw.control.consul.errors import ConsulRequestError
+from meshgw.control.local_services import DEFAULT_WATCH_LIMIT, LocalServices
+from meshgw.control.peerings import PeeringWatch
+from meshgw.control.remote_gateways import RemoteGateways
+from meshgw.control.watching import Watches, WatchOptions
+from meshgw.topology import ClusterSettings, Endpoint, Endpoints, Source, TopologyPart
 
 log = logging.getLogger("meshgw.discovery")
 
-SKIPPED_SERVICES = frozenset({"consul"})
-DATACENTERS_INTERVAL = 30.0  # Consul's own MaxAge for the datacenter list
 # A blocking query cannot tell a quiet catalog from a hung agent for up to its whole wait
 # (minutes); a small request every few seconds can. /v1/status/leader needs no ACL.
 AGENT_PROBE = "/v1/status/leader"
 AGENT_PROBE_INTERVAL = 10.0
 AGENT_PROBE_TIMEOUT = 5.0
-
-
-@dataclass
-class SourceHealth:
-    """How one source (a watch, or the agent probe) fares, for /v1/topology."""
-
-    ok: bool = False
-    last_ok: float | None = None  # time.time() of the last good answer
-    error: str | None = None
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        age = None if self.last_ok is None else round(now - self.last_ok, 3)
-        return {
-            "state": "ok" if self.ok else "failing",
-            "last_answer_age_s": age,
-            "error": self.error,
-        }
 
 
 class Discovery:
@@ -74,9 +47,9 @@ class Discovery:
         datacenter: str | None = None,
         expose_servers: bool = False,
         gateway_service: str = "mesh-gateway",
-        wait: str | float = "5m",
-        rate_limit: RateLimit = RateLimit(),
-        backoff: Backoff = Backoff(),
+        gateway_id: str | None = None,
+        service_watch_limit: int = DEFAULT_WATCH_LIMIT,
+        options: WatchOptions | None = None,
         on_health: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.client = client
@@ -84,56 +57,44 @@ class Discovery:
         self.datacenter = datacenter
         self.expose_servers = expose_servers
         self.gateway_service = gateway_service
-        self.watch_options: dict[str, Any] = {
-            "wait": wait,
-            "rate_limit": rate_limit,
-            "backoff": backoff,
-        }
-        self.on_health = on_health
+        self.gateway_id = gateway_id or gateway_service
+        self.watches = Watches(
+            client, self._publish, options=options or WatchOptions(), on_health=on_health
+        )
         self.identity: catalog.AgentIdentity | None = None
         self.servers: dict[str, Endpoint] = {}
-        self.fed_state: catalog.Parsed = catalog.Parsed()
-        self.dc_views: dict[str, catalog.Parsed] = {}
+        self.peering_servers: Endpoints = ()
         self.trust_domain: str | None = None
-        self.services: dict[ServiceKey, tuple[Endpoint, ...]] = {}
-        self.indexes: dict[str, int] = {}  # last index per source, for /v1/topology
-        self.health: dict[str, SourceHealth] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.gateway_config = central.GatewayConfig()
+        self.services = LocalServices(
+            self.watches, frozenset({"consul", gateway_service}), service_watch_limit
+        )
+        self.gateways: RemoteGateways | None = None
+        self.peering: PeeringWatch | None = None
 
     # --- life ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Learn the agent's identity, then follow every source until cancelled."""
-        self._start("agent", self._probe_agent())
+        watches = self.watches
+        watches.start("agent", self._probe_agent())
         self.identity = await self._identity()
-        if self.datacenter is None:
-            self.datacenter = self.identity.datacenter
+        self.datacenter = self.datacenter or self.identity.datacenter
+        dc = self.datacenter or ""
         self._publish()
         if self.expose_servers:
-            self._start("servers", self._follow("/v1/health/service/consul", self._on_servers))
-        self._start(
-            "federation-states",
-            self._follow("/v1/internal/federation-states/mesh-gateways", self._on_fed_state),
-        )
-        self._start("datacenters", self._follow_datacenters())
-        self._start("ca-roots", self._follow("/v1/connect/ca/roots", self._on_roots))
-        self._start("services", self._follow("/v1/catalog/services", self._on_service_list))
+            self._watch_servers()
+        self.gateways = RemoteGateways(watches, dc)
+        self.gateways.start()
+        watches.follow("ca-roots", "/v1/connect/ca/roots", self._on_roots)
+        self.services.start()
+        self._watch_gateway_config()
+        self.peering = PeeringWatch(watches, dc)
+        self.peering.start()
         try:
             await asyncio.Event().wait()  # the watches run until this task is cancelled
         finally:
-            await self.stop()
-
-    async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-
-    def _start(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
-        self._tasks[name] = asyncio.get_running_loop().create_task(coroutine, name=name)
+            await watches.stop_all()
 
     async def _identity(self) -> catalog.AgentIdentity:
         failures = 0
@@ -143,10 +104,10 @@ class Discovery:
                 identity = catalog.agent_identity(answer.body)
             except (ConsulRequestError, catalog.CatalogError) as error:
                 failures += 1
-                self._failed("agent-self", error)
-                await asyncio.sleep(self.watch_options["backoff"].delay(failures))
+                self.watches.failed("agent-self", error)
+                await asyncio.sleep(self.watches.options.backoff.delay(failures))
                 continue
-            self._recovered("agent-self")
+            self.watches.recovered("agent-self")
             log.info(
                 "Consul agent",
                 extra={
@@ -160,182 +121,113 @@ class Discovery:
             )
             return identity
 
-    # --- watches ------------------------------------------------------------------------------
-
-    async def _follow(
-        self,
-        path: str,
-        handle: Callable[[Response], None],
-        *,
-        source: str | None = None,
-        dc: str | None = None,
-        params: dict[str, str | int | bool | None] | None = None,
-    ) -> None:
-        name = source or path
-        query = BlockingQuery(
-            self.client,
-            path,
-            params=params,
-            dc=dc,
-            on_error=lambda error, _failures, _delay: self._failed(name, error),
-            on_recover=lambda _failures: self._recovered(name),
-            **self.watch_options,
-        )
-        async for answer in query:
-            self._recovered(name)
-            try:
-                handle(answer)
-            except catalog.CatalogError as error:
-                # Consul answered, but not in the documented shape: keep the last good view.
-                log.error("ignoring an answer from Consul: %s", error)
-                continue
-            except Exception:
-                # Whatever an answer holds, the watch goes on with the last good view.
-                log.exception("cannot use the answer to %s; keeping the last good view", name)
-                continue
-            self.indexes[name] = answer.index
-            self._publish()
-
     async def _probe_agent(self) -> None:
         """Ask the agent something small every interval: the one way to see it hang."""
         while True:
             try:
                 await self.client.get(AGENT_PROBE, timeout=AGENT_PROBE_TIMEOUT)
             except ConsulRequestError as error:
-                self._failed("agent", error)
+                self.watches.failed("agent", error)
             else:
-                self._recovered("agent")
+                self.watches.recovered("agent")
             await asyncio.sleep(AGENT_PROBE_INTERVAL)
 
-    def _failed(self, source: str, error: Exception) -> None:
-        if self.on_health is not None:
-            self.on_health(source, False)
-        health = self.health.setdefault(source, SourceHealth())
-        failing_already = health.error is not None
-        health.ok, health.error = False, str(error)
-        if failing_already:
-            return  # said once, when it began
-        if isinstance(error, ConsulForbidden):
-            log.error("Consul refused %s: %s", source, error)
-        else:
-            log.warning("Consul unavailable for %s, keeping what is known: %s", source, error)
+    def demand(self, service: str) -> bool:
+        """A connection asked for a local service that is not watched (see local_services)."""
+        return self.services.demand(service)
 
-    def _recovered(self, source: str) -> None:
-        if self.on_health is not None:
-            self.on_health(source, True)
-        health = self.health.setdefault(source, SourceHealth())
-        if health.error is not None:
-            log.info("Consul answers %s again", source)
-        health.ok, health.error, health.last_ok = True, None, time.time()
+    # --- the small watches --------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Each source's state and the age of its last good answer; every source is stale
-        while the agent itself does not answer."""
-        now = time.time()
-        agent = self.health.get("agent")
-        stale = agent is not None and not agent.ok
-        return {
-            name: {**health.to_json(now), "stale": stale or not health.ok}
-            for name, health in sorted(self.health.items())
-        }
+    def _watch_servers(self) -> None:
+        if not self.watches.running("servers"):
+            self.watches.follow("servers", "/v1/health/service/consul", self._on_servers)
 
     def _on_servers(self, answer: Response) -> None:
-        parsed = catalog.local_servers(answer.body)
-        self._skipped(parsed)
-        self.servers = {node: endpoints[0] for node, endpoints in parsed.endpoints.items()}
-
-    def _on_fed_state(self, answer: Response) -> None:
-        self.fed_state = catalog.federation_state_gateways(answer.body)
-        self._skipped(self.fed_state)
+        found = catalog.local_servers(answer.body)
+        for reason in found.skipped:
+            log.debug("skipped: %s", reason)
+        self.servers = found.rpc
+        self.peering_servers = found.grpc_tls
 
     def _on_roots(self, answer: Response) -> None:
         self.trust_domain = catalog.trust_domain(answer.body)
 
-    async def _follow_datacenters(self) -> None:
-        """Keep one catalog watch per remote datacenter, as the datacenter list changes."""
-        failures = 0
-        while True:
-            try:
-                answer = await self.client.get("/v1/catalog/datacenters")
-                failures = 0
-                self._recovered("/v1/catalog/datacenters")
-            except ConsulRequestError as error:
-                failures += 1
-                self._failed("/v1/catalog/datacenters", error)
-                await asyncio.sleep(self.watch_options["backoff"].delay(failures))
-                continue
-            remote = {str(dc) for dc in answer.body if isinstance(dc, str)} - {self.datacenter}
-            for dc in remote - self.dc_views.keys():
-                self.dc_views[dc] = catalog.Parsed()
-                self._start(
-                    f"gateways-{dc}",
-                    self._follow(
-                        f"/v1/health/service/{self.gateway_service}",
-                        lambda a, dc=dc: self._on_dc_view(dc, a),  # type: ignore[misc]
-                        source=f"gateways of {dc}",
-                        dc=dc,
-                    ),
-                )
-            for dc in self.dc_views.keys() - remote:
-                self._tasks.pop(f"gateways-{dc}").cancel()
-                del self.dc_views[dc]
-            await asyncio.sleep(DATACENTERS_INTERVAL)
+    def _watch_gateway_config(self) -> None:
+        """This gateway's merged Proxy.Config and its service-defaults' connection limit."""
 
-    def _on_dc_view(self, dc: str, answer: Response) -> None:
-        self.dc_views[dc] = catalog.datacenter_gateways(answer.body, dc)
+        def on_proxy(answer: Response) -> None:
+            limit = self.gateway_config.max_connections
+            found = central.proxy_config(answer.body)
+            self.gateway_config = central.GatewayConfig(
+                found.connect_timeout, found.keepalive, limit
+            )
 
-    def _on_service_list(self, answer: Response) -> None:
-        body = answer.body
-        if not isinstance(body, dict):
-            raise catalog.CatalogError("/v1/catalog/services: expected a JSON object")
-        names = {str(n) for n in body} - SKIPPED_SERVICES - {self.gateway_service}
-        for name in names:
-            if f"service-{name}" not in self._tasks:
-                self._start(
-                    f"service-{name}",
-                    self._follow(
-                        f"/v1/health/connect/{name}",
-                        lambda a, name=name: self._on_service(name, a),  # type: ignore[misc]
-                    ),
-                )
-        for task_name in [t for t in self._tasks if t.startswith("service-")]:
-            if task_name.removeprefix("service-") not in names:
-                self._tasks.pop(task_name).cancel()
-                self.services = {k: v for k, v in self.services.items() if k.name != task_name[8:]}
+        def on_defaults(answer: Response) -> None:
+            old = self.gateway_config
+            limit = central.gateway_limits(answer.body)
+            self.gateway_config = central.GatewayConfig(old.connect_timeout, old.keepalive, limit)
 
-    def _on_service(self, name: str, answer: Response) -> None:
-        parsed = catalog.local_service_instances(answer.body, name)
-        self.services = {k: v for k, v in self.services.items() if k.name != name}
-        self.services.update((k, v) for k, v in parsed.endpoints.items() if v)
+        def no_proxy() -> None:
+            old = self.gateway_config
+            self.gateway_config = central.GatewayConfig(max_connections=old.max_connections)
 
-    def _skipped(self, parsed: catalog.Parsed) -> None:
-        for reason in parsed.skipped:
-            log.debug("skipped: %s", reason)
+        def no_defaults() -> None:
+            old = self.gateway_config
+            self.gateway_config = central.GatewayConfig(old.connect_timeout, old.keepalive)
+
+        self.watches.follow(
+            "gateway proxy config", f"/v1/agent/service/{self.gateway_id}", on_proxy,
+            missing=no_proxy,
+        )  # fmt: skip
+        self.watches.follow(
+            "gateway service-defaults",
+            f"/v1/config/service-defaults/{self.gateway_service}",
+            on_defaults,
+            missing=no_defaults,
+        )
 
     # --- the part -----------------------------------------------------------------------------
 
-    def gateways(self) -> dict[GatewayKey, tuple[Endpoint, ...]]:
-        """Per datacenter, the fresher of the federation state and that datacenter's catalog."""
-        merged: dict[GatewayKey, tuple[Endpoint, ...]] = dict(self.fed_state.endpoints)
-        for view in self.dc_views.values():
-            for key, endpoints in view.endpoints.items():
-                fed_index = self.fed_state.max_modify_index.get(key, -1)
-                if endpoints and view.max_modify_index.get(key, 0) > fed_index:
-                    merged[key] = endpoints
-        return merged
-
     def part(self) -> TopologyPart:
         identity = self.identity
+        peering = None
+        if self.peering is not None:
+            if self.peering.through_gateways:
+                self._watch_servers()  # peers dial the servers: learn their gRPC TLS ports
+            peering = self.peering.peering(self.peering_servers, self.trust_domain)
+        config = self.gateway_config
         return TopologyPart(
             source=Source.CONSUL,
             datacenter=self.datacenter,
             domain=identity.domain if identity else None,
             trust_domain=self.trust_domain,
             primary_datacenter=identity.primary_datacenter if identity else None,
-            servers=dict(self.servers),
-            gateways=self.gateways(),
-            services=dict(self.services),
+            servers=dict(self.servers) if self.expose_servers else {},
+            gateways=self.gateways.gateways() if self.gateways is not None else {},
+            services=self.services.services(),
+            service_settings=self.services.settings(),
+            cluster_defaults=ClusterSettings(
+                connect_timeout=config.connect_timeout,
+                max_connections=config.max_connections,
+                keepalive=config.keepalive,
+            ),
+            peering=peering,
+            on_demand=self.services.on_demand,
         )
 
     def _publish(self) -> None:
         self.publish_part(self.part())
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "address": self.client.config.address,
+            "sources": self.watches.status(),
+            "services": {
+                "in_catalog": len(self.services.names),
+                "watched": len(self.services.watched),
+                "on_demand": self.services.on_demand,
+            },
+        }
+        if self.peering is not None:
+            status["peering"] = self.peering.status()
+        return status

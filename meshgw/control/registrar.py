@@ -1,7 +1,8 @@
 """Registers the gateway as `consul connect envoy -gateway=mesh -register` does.
 
 The body is the one that command sends: Kind mesh-gateway; Name and ID default "mesh-gateway";
-Address/Port from --address (without it, Address "" and the listening port); TaggedAddresses
+Address/Port from --address (without it, the address --listen binds if it is not a wildcard, else
+Address "" and the listening port); TaggedAddresses
 lan/wan only for the addresses given, as {Address, Port}; Meta consul-wan-federation=1 only with
 --expose-servers; one TCP check, "mesh-gateway listening", every 10s.
 """
@@ -16,13 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgw.addresses import hostport
-from meshgw.control.consul import Backoff, ConsulClient, ConsulNotFound, ConsulRequestError
+from meshgw.control import catalog
+from meshgw.control.catalog import WAN_FEDERATION_META
+from meshgw.control.consul.blocking import Backoff
+from meshgw.control.consul.client import ConsulClient
+from meshgw.control.consul.errors import ConsulForbidden, ConsulNotFound, ConsulRequestError
 from meshgw.durations import go_duration
 
 log = logging.getLogger("meshgw.registrar")
 
 DEFAULT_GATEWAY_PORT = 8443
-WAN_FEDERATION_META = {"consul-wan-federation": "1"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class GatewayRegistration:
     def id(self) -> str:
         return self.service_id or self.name
 
-    def body(self) -> dict[str, Any]:
+    def body(self, loopback: str = "127.0.0.1") -> dict[str, Any]:
+        """The registration; without an address the TCP check dials the agent's `loopback`."""
         host, port = self.address or ("", DEFAULT_GATEWAY_PORT)
         body: dict[str, Any] = {
             "Kind": "mesh-gateway",
@@ -55,10 +60,10 @@ class GatewayRegistration:
         if tagged:
             body["TaggedAddresses"] = tagged
         if self.expose_servers:
-            body["Meta"] = dict(WAN_FEDERATION_META)
+            body["Meta"] = {WAN_FEDERATION_META: "1"}
         # Without an address the agent must share the gateway's network namespace (Consul's
         # own comment): the check dials loopback.
-        check_host = host or "127.0.0.1"
+        check_host = host or loopback
         body["Check"] = {
             "Name": "mesh-gateway listening",
             "TCP": hostport(check_host, port),
@@ -97,6 +102,7 @@ class Registrar:
         self._attempted = False
         self._replaced_ids: list[str] = []  # registered under an ID the settings no longer use
         self._failures = 0
+        self.loopback: str | None = None  # learned from the agent before the first register
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -116,13 +122,27 @@ class Registrar:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
+    async def _agent_loopback(self) -> str:
+        """Without an address the check dials the agent's loopback: ::1 when the agent is
+        dual-stack, as Consul's CLI chooses (docs/consul.md#request-body). Asked once."""
+        if self.loopback is None:
+            try:
+                answer = await self.client.get("/v1/agent/self")
+                dual_stack = catalog.agent_identity(answer.body).dual_stack
+            except ConsulForbidden:
+                dual_stack = False  # a token without agent:read: assume IPv4, as before
+            self.loopback = "::1" if dual_stack else "127.0.0.1"
+        return self.loopback
+
     async def register(self) -> None:
         while self._replaced_ids:
             await self._remove(self._replaced_ids[0])
             self._replaced_ids.pop(0)
-        registration = self.registration
+        address = self.registration.address
+        loopback = "127.0.0.1" if address and address[0] else await self._agent_loopback()
+        registration = self.registration  # as it is now, after the awaits
         self._attempted = True
-        await self.client.put("/v1/agent/service/register", registration.body())
+        await self.client.put("/v1/agent/service/register", registration.body(loopback))
         if registration != self.registered_as:
             log.info(
                 "registered in Consul",

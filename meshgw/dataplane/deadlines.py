@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from meshgw.dataplane import capacity
+
 
 class Deadlines:
     """Connections waiting out one fixed timeout, oldest first.
@@ -28,6 +30,9 @@ class Deadlines:
 
     def deadline(self, conn: Any) -> float | None:
         return self._waiting.get(conn)
+
+    def compact(self) -> bool:
+        return capacity.compact(self._waiting)
 
     def expired(self, now: float) -> list[Any]:
         waiting, due = self._waiting, []

@@ -24,8 +24,10 @@ def log_connection(
     started: float,
     outcome: str,
     detail: str = "",
+    tried: str = "",
 ) -> None:
-    """The access-log line of one connection, whichever phase it ended in."""
+    """The access-log line of one connection, whichever phase it ended in. `tried`: the
+    upstreams that failed before, and their errors."""
     fields = {
         "client": f"{peer[0]}:{peer[1]}" if peer else "",
         "sni": hello.sni if hello else None,
@@ -38,6 +40,8 @@ def log_connection(
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
         "outcome": outcome,
     }
+    if tried:
+        fields["tried"] = tried
     if detail:
         fields["detail"] = detail
     access_log.info("connection", extra={"fields": fields})

@@ -194,6 +194,7 @@ class KernelTunnel:
         self.client.close()
         self.upstream.close()
         stats, route = dp.stats, self.route
+        dp.release(route)  # the cluster's connection count, as a Tunnel's close does
         kind, dc = route.kind.value, route.datacenter
         stats.connections[kind, dc, outcome] += 1
         stats.bytes[kind, dc, "upstream"] += bytes_up

@@ -17,10 +17,12 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 
 from meshgw.dataplane.context import DataPlane, DataPlaneConfig
+from meshgw.dataplane.dialer import tune
 from meshgw.dataplane.kerneltunnel import KernelTunnel
-from meshgw.dataplane.opening import Opening, tune
+from meshgw.dataplane.opening import Opening
 from meshgw.dataplane.tunnel import LINGER_RESET, Tunnel
 from meshgw.metrics import Metrics
 from meshgw.routing import RouteTable
@@ -106,9 +108,15 @@ class Listener:
     async def extra_metrics(self) -> list[bytes]:
         return []  # this process's counters are in the registry it was given
 
+    async def down_endpoints(self) -> dict[str, str]:
+        return self.dp.outliers.down_now()
+
+    def set_demand(self, demand: Callable[[str], None]) -> None:
+        self.dp.demand = demand
+
     def set_table(self, table: RouteTable) -> None:
         """New connections use the new table; connections in flight keep their upstream."""
-        self.dp.table = table
+        self.dp.set_table(table)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -198,9 +206,13 @@ class Listener:
         dp = self.dp
         for opening in dp.hello_deadlines.expired(now):
             opening.hello_timed_out()
-        for opening in dp.connect_deadlines.expired(now):
-            opening.connect_timed_out()
-        shortest = min(self.config.hello_timeout, self.config.connect_timeout)
+        for deadlines in dp.connect_deadline_sets():
+            for opening in deadlines.expired(now):
+                opening.connect_timed_out()
+        for opening in dp.route_deadlines.expired(now):
+            opening.route_timed_out()
+        dp.compact_tables()
+        shortest = min(self.config.hello_timeout, *dp.connect_timeouts())
         self._deadline_sweeper = self.loop.call_later(
             min(max(shortest / 10, 0.01), 0.5), self._sweep_deadlines
         )

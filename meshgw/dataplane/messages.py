@@ -1,6 +1,7 @@
 """What the supervisor and its worker processes say to each other, one frozen value each.
 
-Every request gets exactly one reply except `NewTable`, which is only told. They travel as
+Every request gets exactly one reply except `NewTable`, which is only told; a worker tells the
+supervisor, unasked, of a `Demand`. They travel as
 length-prefixed pickles on a private socketpair: both ends are this program and nobody else
 holds the pair, so unpickling is safe here and nowhere else.
 """
@@ -51,6 +52,11 @@ class Scrape:
 
 
 @dataclass(frozen=True, slots=True)
+class DownNow:
+    """→ DownEndpoints: the upstream addresses this worker saw failing."""
+
+
+@dataclass(frozen=True, slots=True)
 class StopAccepting:
     """Close the listening socket; connections go on. → Stopped"""
 
@@ -98,17 +104,35 @@ class Drained:
     closed: int  # connections still open at the deadline
 
 
-Request = Start | NewTable | CountOpen | Scrape | StopAccepting | Drain
-Reply = Listening | Failed | OpenCount | Scraped | Stopped | Drained
+@dataclass(frozen=True, slots=True)
+class DownEndpoints:
+    down: dict[str, str]  # address → the last error
 
 
-async def send(writer: asyncio.StreamWriter, message: Request | Reply) -> None:
+# --- worker → supervisor, unasked ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """A connection wants a local service nobody asked for yet: watch it (no reply)."""
+
+    service: str
+
+
+Request = Start | NewTable | CountOpen | Scrape | DownNow | StopAccepting | Drain
+Reply = Listening | Failed | OpenCount | Scraped | DownEndpoints | Stopped | Drained
+
+
+Message = Request | Reply | Demand
+
+
+async def send(writer: asyncio.StreamWriter, message: Message) -> None:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(body)) + body)
+    writer.write(_HEADER.pack(len(body)) + body)  # one write: frames never interleave
     await writer.drain()
 
 
-async def receive(reader: asyncio.StreamReader) -> Request | Reply:
+async def receive(reader: asyncio.StreamReader) -> Message:
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    message: Request | Reply = pickle.loads(await reader.readexactly(size))  # our own pair
+    message: Message = pickle.loads(await reader.readexactly(size))  # our own pair
     return message

@@ -1,8 +1,8 @@
 """A client connection from accept until its upstream has the hello.
 
-Read the ClientHello (deadline, size cap) → resolve the SNI → connect upstream (timeout, fail
-over to the next endpoint: nothing has been sent yet) → replay the buffered bytes verbatim →
-hand the two sockets over to a Tunnel.
+[Read a PROXY header from a trusted load balancer →] read the ClientHello (deadline, size cap) →
+resolve the SNI → connect upstream (dialer.py: timeout, failover, passive health) → replay the
+buffered bytes verbatim → hand the two sockets over to a Tunnel.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import socket
 import time
 
 from meshgw.dataplane.context import DataPlane
+from meshgw.dataplane.dialer import Dialer
 from meshgw.dataplane.poller import CLOSED, IN
 from meshgw.dataplane.tunnel import (
     LINGER_RESET,
@@ -22,17 +23,15 @@ from meshgw.dataplane.tunnel import (
     access_log,
     log_connection,
 )
-from meshgw.routing import Route, Target
+from meshgw.routing import Route
 from meshgw.wire.clienthello import ClientHelloReader, Hello, Rejection
+from meshgw.wire.proxyproto import ProxyHeader, ProxyHeaderReader, ProxyRejection
 
 log = logging.getLogger("meshgw.dataplane")
 
-
-def tune(sock: socket.socket) -> None:
-    # Latency over batching: TLS handshakes are small, chatty writes. Keepalive finds dead peers
-    # on the long, sparse connections WAN gossip and RPC keep open.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+# First bytes that can start a PROXY header (v1 "PROXY ", v2 "\r\n\r\n..."); a ClientHello
+# starts with 0x16, so a direct client is never mistaken for one.
+_PROXY_STARTS = frozenset(b"P\r")
 
 
 class Opening:
@@ -43,40 +42,35 @@ class Opening:
         "client_eof",
         "client_fd",
         "closed",
+        "dialer",
         "dp",
         "hello",
         "peer",
+        "preface",
         "reader",
         "replayed",
-        "route",
         "started",
-        "target",
-        "targets",
-        "upstream",
         "upstream_events",
-        "upstream_fd",
     )
 
     def __init__(self, dp: DataPlane, client: socket.socket, peer: tuple) -> None:
         self.dp = dp
         self.client = client
         self.client_fd = client.fileno()
-        self.peer = peer
+        self.peer = peer  # the client's address; a trusted PROXY header replaces it
         self.started = time.monotonic()
         self.closed = False
+        proxy = dp.proxy_sources
+        self.preface = ProxyHeaderReader() if proxy is not None and proxy.trusts(peer) else None
         # Set while the hello is being read; None once routed.
         self.reader: ClientHelloReader | None = ClientHelloReader(dp.config.max_hello_bytes)
-        # Every byte from the client not yet upstream; replayed verbatim.
+        # Every byte from the client not yet upstream, the PROXY header excepted; replayed.
         self.buffered = bytearray()
         self.replayed = 0  # of those, how many the upstream took already
         self.client_eof = False
         self.client_backlog = False  # bytes left unread in the client socket (buffer bound)
         self.hello: Hello | None = None
-        self.route: Route | None = None
-        self.targets: list[Target] = []
-        self.target: Target | None = None
-        self.upstream: socket.socket | None = None
-        self.upstream_fd = -1
+        self.dialer: Dialer | None = None
         self.upstream_events = 0  # what the upstream said while connecting, for the tunnel
 
     def start(self) -> None:
@@ -104,7 +98,6 @@ class Opening:
         edge would report.
         """
         view = self.dp.view
-        cap = self.dp.config.max_hello_bytes
         while not self.client_eof and not self.client_backlog:
             try:
                 n = self.client.recv_into(view)
@@ -119,24 +112,46 @@ class Opening:
                     return
                 self.client_eof = True  # a half-close after the hello: the tunnel delivers it
                 return
-            chunk = view[:n]
-            self.buffered += chunk
-            if self.reader is None:
-                # Bytes after the hello (early data) wait for the upstream, within a bound;
-                # the rest stays in the socket until the tunnel reads it.
-                if len(self.buffered) >= 2 * cap:
-                    self.client_backlog = True
-                    return
-                continue
-            result = self.reader.feed(chunk)
-            if result is None:
-                continue
-            if isinstance(result, Rejection):
-                self._reject(result.reason.value, result.detail)
-                return
-            self._route(result)
+            self._received(view[:n])
             if self.closed or (n < len(view) and not until_eof):
                 return
+
+    def _received(self, chunk: memoryview) -> None:
+        if self.preface is not None:
+            rest = self._preface(chunk)
+            if rest is None:
+                return
+            chunk = rest
+        elif not self.buffered and self.dp.proxy_sources is not None and chunk[0] in _PROXY_STARTS:
+            self._reject("proxy_untrusted", "a PROXY header from a source not allowed to send one")
+            return
+        self.buffered += chunk
+        if self.reader is None:
+            # Bytes after the hello (early data) wait for the upstream, within a bound; the
+            # rest stays in the socket until the tunnel reads it.
+            if len(self.buffered) >= 2 * self.dp.config.max_hello_bytes:
+                self.client_backlog = True
+            return
+        result = self.reader.feed(chunk)
+        if isinstance(result, Rejection):
+            self._reject(result.reason.value, result.detail)
+        elif result is not None:
+            self._route(result)
+
+    def _preface(self, chunk: memoryview) -> memoryview | None:
+        """Feed the PROXY header reader; what follows the header, or None (more, or refused)."""
+        assert self.preface is not None
+        before = self.preface.buffered
+        result = self.preface.feed(chunk)
+        if result is None:
+            return None
+        if isinstance(result, ProxyRejection):
+            self._reject(f"proxy_{result.reason.value}", result.detail)
+            return None
+        self.preface = None
+        if isinstance(result, ProxyHeader) and result.source is not None:
+            self.peer = result.source
+        return chunk[result.length - before :]
 
     def hello_timed_out(self) -> None:
         self._reject("hello_timeout")
@@ -152,91 +167,47 @@ class Opening:
         for protocol in hello.alpn or ("none",):
             stats.offered(protocol)
         route = dp.table.resolve(hello.sni)
-        if route is None:
+        if route is not None:
+            self.routed(route)
+            return
+        refusal = dp.table.refused.get(hello.sni)
+        if refusal is not None:
+            dp.refused_once(hello.sni, refusal)
+            self._reject(refusal)
+        elif not dp.await_route(self, hello.sni):
             self._reject("unknown_sni")
-            return
-        self.route = route
-        self.targets = route.cluster.attempt_order()
-        self._connect_next()
 
-    # --- the upstream, with failover ----------------------------------------------------------
-
-    def _connect_next(self) -> None:
-        while self.targets:
-            target = self.targets.pop(0)
-            if target.sockaddr is None:
-                self.dp.spawn(self._resolve_then_connect(target))
-                return
-            try:
-                sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            except OSError as error:
-                self._count_failure(error)
-                continue
-            try:
-                tune(sock)
-                code = sock.connect_ex(target.sockaddr)
-            except OSError as error:
-                sock.close()
-                self._count_failure(error)
-                continue
-            if code not in (0, errno.EINPROGRESS):
-                sock.close()
-                self._count_failure(OSError(code, errno.errorcode.get(code, str(code))))
-                continue
-            self.upstream = sock
-            self.upstream_fd = sock.fileno()
-            self.target = target
-            self.dp.connect_deadlines.add(self, time.monotonic())
-            # Writable (connected) or an error is reported as an edge on this registration.
-            self.dp.poller.register(self.upstream_fd, self._on_upstream_event)
+    def routed(self, route: Route) -> None:
+        """The route is known (at once, or once the control plane answered a demand)."""
+        assert self.hello is not None
+        if not self.dp.admit(route):
+            self._reject("cluster_limit")
             return
-        self._reject("no_upstream")
+        self.dialer = Dialer(self.dp, route, self.hello.sni, self._on_upstream_event)
+        self.dialer.connect_next(self, self._exhausted)
 
-    async def _resolve_then_connect(self, target: Target) -> None:
-        """Slow path for endpoints named by DNS: resolve, then try the addresses in order."""
-        endpoint = target.endpoint
-        try:
-            infos = await self.dp.loop.getaddrinfo(
-                endpoint.host, endpoint.port, type=socket.SOCK_STREAM
-            )
-        except OSError as error:
-            infos = []
-            self._count_failure(error)
-        if self.closed:
-            return
-        resolved = [Target(endpoint, family, sockaddr) for family, _, _, _, sockaddr in infos]
-        self.targets[:0] = resolved
-        self._connect_next()
+    def route_timed_out(self) -> None:
+        self._reject("unknown_sni")
+
+    # --- the upstream -------------------------------------------------------------------------
+
+    def _exhausted(self) -> None:
+        assert self.dialer is not None
+        self._reject("no_upstream")  # the access log names every attempt
 
     def connect_timed_out(self) -> None:
-        self._drop_upstream(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
-
-    def _drop_upstream(self, error: OSError) -> None:
-        """This endpoint failed before anything was sent to it: try the next one."""
-        self._count_failure(error)
-        self.dp.connect_deadlines.discard(self)
-        if self.upstream is not None:
-            self.dp.poller.forget(self.upstream_fd)
-            self.upstream.close()
-            self.upstream = None
-            self.upstream_fd = -1
-            self.upstream_events = 0
-        self._connect_next()
-
-    def _count_failure(self, error: OSError) -> None:
-        route = self.route
-        assert route is not None
-        reason = errno.errorcode.get(error.errno or 0, "error").lower()
-        self.dp.stats.upstream_failures[route.kind.value, route.datacenter, reason] += 1
-        target = self.target.endpoint if self.target else None
-        log.debug("upstream %s failed for %s: %s", target, self.hello and self.hello.sni, error)
+        dialer = self.dialer
+        assert dialer is not None
+        dialer.drop(TimeoutError(errno.ETIMEDOUT, "connect timed out"), self)
+        self.upstream_events = 0
+        dialer.connect_next(self, self._exhausted)
 
     def _upstream_ready(self) -> None:
-        upstream = self.upstream
-        assert upstream is not None
+        dialer = self.dialer
+        assert dialer is not None and dialer.upstream is not None
         try:
             # A failed connect shows up here as the send error (ECONNREFUSED...): no getsockopt.
-            sent = upstream.send(self.buffered)
+            sent = dialer.upstream.send(self.buffered)
         except BlockingIOError:
             return  # still connecting (a stale edge), or the hello fills the socket buffer
         except OSError as error:
@@ -245,26 +216,25 @@ class Opening:
                     self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 self.close("upstream_reset")
             else:
-                self._drop_upstream(error)
+                dialer.drop(error, self)
+                self.upstream_events = 0
+                dialer.connect_next(self, self._exhausted)
             return
-        if not self.replayed:  # the first bytes went through: connected
-            self.dp.connect_deadlines.discard(self)
-            route = self.route
-            assert route is not None
-            self.dp.stats.connected(route.kind.value, time.monotonic() - self.started)
+        if not self.replayed:
+            dialer.connected(self)
         self.replayed += sent
         del self.buffered[:sent]
         if not self.buffered:
-            self._hand_over()
+            self._hand_over(dialer)
 
-    def _hand_over(self) -> None:
-        upstream, hello, route, target = self.upstream, self.hello, self.route, self.target
-        assert upstream is not None and hello and route and target
+    def _hand_over(self, dialer: Dialer) -> None:
+        upstream, hello, target = dialer.upstream, self.hello, dialer.target
+        assert upstream is not None and hello is not None and target is not None
         self.closed = True  # this phase is over; the sockets now belong to the tunnel
         handover = Handover(
             peer=self.peer,
             hello=hello,
-            route=route,
+            route=dialer.route,
             target=target,
             started=self.started,
             replayed=self.replayed,
@@ -273,6 +243,7 @@ class Opening:
             upstream_events=self.upstream_events,
         )
         tunnel = Tunnel(self.dp, self.client, upstream, handover)
+        self.dialer = None  # it points back here: cut the cycle, as the tunnel does at close
         self.dp.handed_over(self, tunnel)
         tunnel.start(handover)
 
@@ -292,18 +263,21 @@ class Opening:
         self.closed = True
         dp = self.dp
         dp.hello_deadlines.discard(self)
-        dp.connect_deadlines.discard(self)
+        dp.forget_waiting(self)
         dp.poller.forget(self.client_fd)
         self.client.close()
-        if self.upstream is not None:
-            dp.poller.forget(self.upstream_fd)
-            self.upstream.close()
-        route = self.route
-        if route is not None and not rejected:
-            dp.stats.connections[route.kind.value, route.datacenter, outcome] += 1
+        dialer, route = self.dialer, None
+        if dialer is not None:
+            dialer.close(self)
+            route = dialer.route
+            dp.release(route)
+            if not rejected:
+                dp.stats.connections[route.kind.value, route.datacenter, outcome] += 1
         dp.closed(self)
         if dp.config.access_log and access_log.isEnabledFor(logging.INFO):
+            tried = "; ".join(dialer.attempts) if dialer is not None else ""
             log_connection(
                 self.peer, self.hello, route, None, len(self.buffered) + self.replayed, 0,
-                self.started, outcome, detail,
+                self.started, outcome, detail, tried,
             )  # fmt: skip
+        self.dialer = None  # it points back here: cut the cycle

@@ -17,6 +17,8 @@ import select
 import sys
 from collections.abc import Callable
 
+from meshgw.dataplane import capacity
+
 EPOLL_AVAILABLE = sys.platform == "linux" and hasattr(select, "epoll")
 
 if EPOLL_AVAILABLE:
@@ -65,6 +67,11 @@ class Poller:
     def forget(self, fd: int) -> None:
         """Before closing `fd`: closing removes it from the epoll set, this from our table."""
         self.handlers.pop(fd, None)
+
+    def compact(self) -> bool:
+        """Give back the handler table's space after a peak (capacity.py); never call this
+        from a handler, as dispatch may be walking the table."""
+        return capacity.compact(self.handlers)
 
     def _dispatch(self) -> None:
         handlers = self.handlers

@@ -3,6 +3,7 @@ processes. Both implement `DataPlaneService`, so the gateway never asks which on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from meshgw.routing import RouteTable
@@ -32,3 +33,9 @@ class DataPlaneService(Protocol):
 
     async def extra_metrics(self) -> list[bytes]:
         """Exposition texts kept outside the gateway's own registry (other processes')."""
+
+    async def down_endpoints(self) -> dict[str, str]:
+        """Upstream addresses seen failing lately (passive health) → the last error."""
+
+    def set_demand(self, demand: Callable[[str], None]) -> None:
+        """Whom to ask to watch a local service a connection wants (services on demand)."""

@@ -225,6 +225,7 @@ class Tunnel:
         up.release()
         down.release()
         stats, route = dp.stats, self.route
+        dp.release(route)
         kind, dc = route.kind.value, route.datacenter
         stats.connections[kind, dc, outcome] += 1
         stats.bytes[kind, dc, "upstream"] += up.bytes

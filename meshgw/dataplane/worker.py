@@ -28,6 +28,7 @@ class Worker:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.listener: Listener | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         try:
@@ -43,7 +44,7 @@ class Worker:
             if self.listener is not None:
                 self.listener.close()
 
-    async def handle(self, message: m.Request | m.Reply) -> bool:
+    async def handle(self, message: m.Message) -> bool:
         """Act on one message; False when the worker is done."""
         listener = self.listener
         match message:
@@ -55,6 +56,8 @@ class Worker:
                 await m.send(self.writer, m.OpenCount(await listener.open_connections()))
             case m.Scrape() if listener is not None:
                 await m.send(self.writer, m.Scraped(generate_latest(listener.metrics.registry)))
+            case m.DownNow() if listener is not None:
+                await m.send(self.writer, m.DownEndpoints(await listener.down_endpoints()))
             case m.StopAccepting() if listener is not None:
                 listener.stop_accepting()
                 await m.send(self.writer, m.Stopped())
@@ -80,8 +83,14 @@ class Worker:
             await m.send(self.writer, m.Failed(error.errno or 0, error.strerror or str(error)))
             return False
         self.listener = listener
+        listener.set_demand(self._demand)
         await m.send(self.writer, m.Listening(listener.port))
         return True
+
+    def _demand(self, service: str) -> None:
+        task = asyncio.get_running_loop().create_task(m.send(self.writer, m.Demand(service)))
+        self.tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self.tasks.discard)
 
     async def _drain(self, drain: m.Drain, answer: bool) -> None:
         closed = await self.listener.drain(drain.timeout) if self.listener is not None else 0

@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from meshgw.dataplane import messages as m
@@ -37,16 +37,24 @@ class WorkerStartError(Exception):
 
 
 class WorkerHandle:
-    """The supervisor's handle on one worker process."""
+    """The supervisor's handle on one worker process.
 
-    def __init__(self, index: int, failures: int = 0) -> None:
+    One reader task takes everything the worker says: replies go to the request waiting for
+    them (one at a time), demands to `on_demand`.
+    """
+
+    def __init__(
+        self, index: int, failures: int = 0, on_demand: Callable[[str], None] | None = None
+    ) -> None:
         self.index = index
         self.failures = failures  # predecessors in a row that died young
+        self.on_demand = on_demand
         self.started = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
-        self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.lock = asyncio.Lock()  # one request in flight per worker
+        self.replies: asyncio.Queue[m.Reply | None] = asyncio.Queue()
+        self.reading: asyncio.Task[None] | None = None
 
     async def start(self, start: m.Start) -> int:
         """Start the process; the port it listens on, or the OSError it met."""
@@ -62,10 +70,11 @@ class WorkerHandle:
             ) from None
         finally:
             theirs.close()
-        self.reader, self.writer = await asyncio.open_connection(sock=ours)
+        reader, self.writer = await asyncio.open_connection(sock=ours)
+        self.reading = asyncio.get_running_loop().create_task(self._read(reader))
         try:
             reply = await self.request(start, m.Listening | m.Failed)  # type: ignore[arg-type]
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             status = await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
             raise WorkerStartError(
                 f"worker process {self.index} exited (status {status}) before listening; "
@@ -75,11 +84,26 @@ class WorkerHandle:
             raise OSError(reply.errno, reply.strerror)
         return reply.port
 
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = await m.receive(reader)
+                if isinstance(message, m.Demand):
+                    if self.on_demand is not None:
+                        self.on_demand(message.service)
+                else:
+                    self.replies.put_nowait(message)  # type: ignore[arg-type]
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.replies.put_nowait(None)  # the worker is gone: whoever waits learns it
+
     async def request(self, message: m.Request, expect: type[ReplyT]) -> ReplyT:
-        assert self.reader is not None and self.writer is not None
+        assert self.writer is not None
         async with self.lock:
             await m.send(self.writer, message)
-            reply = await m.receive(self.reader)
+            reply = await self.replies.get()
+        if reply is None:
+            self.replies.put_nowait(None)  # and so does the next one
+            raise ConnectionError(f"worker {self.index} is gone")
         if not isinstance(reply, expect):
             raise ConnectionError(f"worker {self.index} answered {reply!r} to {message!r}")
         return reply
@@ -102,8 +126,14 @@ class WorkerHandle:
         except TimeoutError:
             proc.kill()
             await loop.run_in_executor(None, proc.wait)
+        self.close()
+
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.reading is not None:
+            self.reading.cancel()
 
 
 class WorkerPool:
@@ -128,7 +158,8 @@ class WorkerPool:
         self.log_settings = log_settings
         self.table = table
         self.host, self.port = host, port
-        self.workers = [WorkerHandle(i + 1) for i in range(n)]
+        self.demand: Callable[[str], None] | None = None
+        self.workers = [WorkerHandle(i + 1, on_demand=self._demand) for i in range(n)]
         self.listening = False
         self.pump_mode = pump_mode(config.pump)  # what each worker will find, as they do
         self.supervisor_metrics = metrics
@@ -165,9 +196,7 @@ class WorkerPool:
         os.close(pidfd)
         assert worker.proc is not None
         status = worker.proc.wait()  # it has exited: this only reaps it
-        if worker.writer is not None:
-            worker.writer.close()
-            worker.writer = None
+        worker.close()
         if self.draining:
             return
         how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
@@ -186,7 +215,7 @@ class WorkerPool:
         lived = asyncio.get_running_loop().time() - dead.started
         failures = dead.failures + 1 if lived < 10.0 else 0
         await asyncio.sleep(min(60.0, 0.5 * (2**failures - 1)))
-        worker = WorkerHandle(dead.index, failures)
+        worker = WorkerHandle(dead.index, failures, on_demand=self._demand)
         self.workers[self.workers.index(dead)] = worker
         try:
             await worker.start(self._start_message(worker))
@@ -229,6 +258,19 @@ class WorkerPool:
 
     async def extra_metrics(self) -> list[bytes]:
         return [r.text for r in await self._ask(self._running(), m.Scrape(), m.Scraped)]
+
+    async def down_endpoints(self) -> dict[str, str]:
+        down: dict[str, str] = {}
+        for reply in await self._ask(self._running(), m.DownNow(), m.DownEndpoints):
+            down.update(reply.down)
+        return down
+
+    def set_demand(self, demand: Callable[[str], None]) -> None:
+        self.demand = demand
+
+    def _demand(self, service: str) -> None:
+        if self.demand is not None:
+            self.demand(service)
 
     def stop_accepting(self) -> None:
         self.listening = False

@@ -31,7 +31,7 @@ from meshgw.wire.names import (
 )
 
 if TYPE_CHECKING:
-    from meshgw.control.consul import ConsulRequestError
+    from meshgw.control.consul.errors import ConsulRequestError
 
 __all__ = [
     "Check",
@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 # The check names, in report order.
+SETTINGS = "settings"  # the gateway's own settings, when given (gateway_settings.py)
 AGENT = "agent"
 GATEWAYS = "gateways"
 WAN_ADDRESS = "wan-address"
@@ -57,7 +58,7 @@ FEDERATION_STATE = "federation-state"
 FORWARDING = "forwarding"
 NAMES = "names"
 TLS = "tls"
-CHECK_ORDER = (AGENT, GATEWAYS, WAN_ADDRESS, FEDERATION_STATE, FORWARDING, NAMES, TLS)
+CHECK_ORDER = (SETTINGS, AGENT, GATEWAYS, WAN_ADDRESS, FEDERATION_STATE, FORWARDING, NAMES, TLS)
 
 # Consul's own error texts (agent/structs/errors.go, federation_state_endpoint.go).
 NO_PATH = "No path to datacenter"
@@ -138,14 +139,14 @@ class Failure:
 
     @classmethod
     def of(cls, error: ConsulRequestError) -> Failure:
-        from meshgw.control import consul
+        from meshgw.control.consul import errors
 
         kinds = (
-            (consul.ConsulForbidden, FailureKind.FORBIDDEN),
-            (consul.ConsulNotFound, FailureKind.NOT_FOUND),
-            (consul.ConsulHTTPError, FailureKind.HTTP),
-            (consul.ConsulTimeout, FailureKind.TIMEOUT),
-            (consul.ConsulBadResponse, FailureKind.BAD_RESPONSE),
+            (errors.ConsulForbidden, FailureKind.FORBIDDEN),
+            (errors.ConsulNotFound, FailureKind.NOT_FOUND),
+            (errors.ConsulHTTPError, FailureKind.HTTP),
+            (errors.ConsulTimeout, FailureKind.TIMEOUT),
+            (errors.ConsulBadResponse, FailureKind.BAD_RESPONSE),
         )
         kind = next((k for t, k in kinds if isinstance(error, t)), FailureKind.UNAVAILABLE)
         return cls(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +12,11 @@ import click
 
 from meshgw.addresses import parse_address
 from meshgw.doctor.checks import Status
+from meshgw.doctor.gateway_settings import load_gateway_settings
 from meshgw.doctor.runner import gather, render_json, render_text
 from meshgw.doctor.tls import DoctorOptions, tls_context
 from meshgw.durations import parse_duration
+from meshgw.settings import Settings
 
 __all__ = ["doctor_command"]
 
@@ -29,7 +32,7 @@ def _usage(message: str) -> None:
 
 def _options(
     gateways: Sequence[str],
-    ca_file: str | None,
+    server_ca_file: str | None,
     cert: str | None,
     key: str | None,
     timeout: str,
@@ -50,14 +53,14 @@ def _options(
         raise ValueError(f"--timeout {timeout!r}: give a positive number of seconds")
     if (cert is None) != (key is None):
         raise ValueError("--cert and --key go together: give both, or neither")
-    if cert is not None and ca_file is None:
+    if cert is not None and server_ca_file is None:
         raise ValueError(
-            "--cert/--key need --ca-file: the TLS check verifies the servers against that CA"
+            "--cert/--key need --server-ca-file: the TLS check verifies the servers against that CA"
         )
-    for flag, path in (("--ca-file", ca_file), ("--cert", cert), ("--key", key)):
+    for flag, path in (("--server-ca-file", server_ca_file), ("--cert", cert), ("--key", key)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
-    return DoctorOptions(tuple(addresses), ca_file, cert, key, seconds)
+    return DoctorOptions(tuple(addresses), server_ca_file, cert, key, seconds)
 
 
 @click.command("doctor")
@@ -72,6 +75,12 @@ def _options(
     help="File holding the ACL token [CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE].",
 )
 @click.option(
+    "--ca-file",
+    metavar="PATH",
+    help="CA of the agent's HTTPS certificate, as for meshgw run and Consul's -ca-file "
+    "[CONSUL_CACERT].",
+)
+@click.option(
     "--gateway",
     "gateways",
     multiple=True,
@@ -80,10 +89,10 @@ def _options(
     "wanfed gateways from the catalog, at their LAN address].",
 )
 @click.option(
-    "--ca-file",
+    "--server-ca-file",
     metavar="PATH",
-    help="CA of the servers' certificates (consul-agent-ca.pem); without it the TLS check is "
-    "skipped.",
+    help="CA of the Consul servers' RPC certificates (consul-agent-ca.pem), for the TLS check "
+    "through the gateway; without it that check is skipped.",
 )
 @click.option(
     "--cert",
@@ -100,6 +109,13 @@ def _options(
     help="Bound on each Consul request and TLS handshake.",
 )
 @click.option(
+    "--config",
+    metavar="PATH",
+    help="The gateway's settings file, as given to meshgw run --config: check what they leave "
+    "unroutable (MESHGW_* variables count too, as for meshgw run); their consul, token_file "
+    "and ca_file stand in for the flags not given.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -108,31 +124,51 @@ def _options(
 def doctor_command(
     consul: str | None,
     token_file: str | None,
-    gateways: tuple[str, ...],
     ca_file: str | None,
+    gateways: tuple[str, ...],
+    server_ca_file: str | None,
     cert: str | None,
     key: str | None,
     timeout: str,
+    config: str | None,
     as_json: bool,
 ) -> None:
     """Check a WAN federation via mesh gateways, the way its bootstrap checklist does.
 
     Asks the Consul agent (and, through a local gateway, the remote servers) whether every
     datacenter has healthy wanfed gateways with WAN addresses, federation states, working ?dc=
-    forwarding, dot-free names and server certificates valid for their names. Exit status: 0
+    forwarding, dot-free names and server certificates valid for their names; given the
+    gateway's settings (--config, MESHGW_*), also what they leave unroutable. Exit status: 0
     when nothing failed (skips allowed), 1 when a check failed, 2 for a usage error.
     """
-    from meshgw.control.consul import ConsulConfig, ConsulConfigError
+    from meshgw.control.consul.config import ConsulConfig
+    from meshgw.control.consul.errors import ConsulConfigError
 
+    gateway_settings = load_gateway_settings(config, os.environ)
+    names: dict[str, str] = {}  # where a value came from, for messages
+    own = gateway_settings[0] if gateway_settings is not None else None
+    if gateway_settings is not None and isinstance(own, Settings):
+        # Ask the agent the gateway asks, as it asks it, unless told otherwise.
+        source = gateway_settings[1]
+        if consul is None and own.consul is not None:
+            consul, names["address"] = own.consul, f"consul of {source}"
+        if token_file is None and own.token_file is not None:
+            token_file, names["token_file"] = own.token_file, f"token_file of {source}"
+        if ca_file is None and own.ca_file is not None:
+            ca_file, names["ca_file"] = own.ca_file, f"ca_file of {source}"
     try:
-        config = ConsulConfig.from_env(address=consul, token_file=token_file)
-        options = _options(gateways, ca_file, cert, key, timeout)
-        context = tls_context(options) if options.ca_file is not None else None
+        if config is not None and not Path(config).is_file():
+            raise ValueError(f"--config {config}: no such file")
+        consul_config = ConsulConfig.from_env(
+            address=consul, token_file=token_file, ca_file=ca_file, names=names
+        )
+        options = _options(gateways, server_ca_file, cert, key, timeout)
+        context = tls_context(options) if options.server_ca_file is not None else None
     except (ConsulConfigError, ValueError) as error:
         _usage(str(error))
         return
     try:
-        checks = asyncio.run(gather(config, options, context))
+        checks = asyncio.run(gather(consul_config, options, context, gateway_settings))
     except KeyboardInterrupt:
         sys.exit(130)
     click.echo(render_json(checks) if as_json else render_text(checks))

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from meshgw.doctor.checks import (
+    AGENT,
     CHECK_ORDER,
     FORWARDING,
     GATEWAYS,
@@ -27,9 +28,11 @@ from meshgw.doctor.checks import (
     check_names,
     check_wan_addresses,
     gateway_inventory,
+    is_wanfed,
     request_failure,
     skipped,
 )
+from meshgw.doctor.gateway_settings import GatewaySettings, check_settings
 from meshgw.doctor.tls import (
     DoctorOptions,
     Probe,
@@ -41,7 +44,7 @@ from meshgw.doctor.tls import (
 from meshgw.wire.names import DEFAULT_DOMAIN
 
 if TYPE_CHECKING:
-    from meshgw.control.consul import ConsulConfig
+    from meshgw.control.consul.config import ConsulConfig
 
 __all__ = [
     "gather",
@@ -56,15 +59,43 @@ MAX_PROBES = 16  # concurrent TLS probes
 
 
 def not_run(reason: str) -> list[Check]:
-    return [skipped(check, "-", f"not run: {reason}") for check in CHECK_ORDER[1:]]
+    after_agent = CHECK_ORDER[CHECK_ORDER.index(AGENT) + 1 :]
+    return [skipped(check, "-", f"not run: {reason}") for check in after_agent]
+
+
+def servers_federate_through_gateways(agent: Outcome) -> bool | None:
+    """What /v1/agent/self says: True for a server with wanfed on, False for a server without,
+    None for a client agent (it does not carry the servers' switch) or no answer."""
+    if not isinstance(agent, Mapping) or not isinstance(agent.get("DebugConfig"), Mapping):
+        return None
+    debug = agent["DebugConfig"]
+    if debug.get("ServerMode") is not True:
+        return None
+    return debug.get("ConnectMeshGatewayWANFederationEnabled") is True
 
 
 async def gather(
-    config: ConsulConfig, options: DoctorOptions, context: ssl.SSLContext | None = None
+    config: ConsulConfig,
+    options: DoctorOptions,
+    context: ssl.SSLContext | None = None,
+    gateway_settings: GatewaySettings | None = None,
 ) -> list[Check]:
     """Fetch what the checks need and run them; `context` is `tls_context(options)` (None
-    when there is no --ca-file). Every request and probe is bounded by options.timeout."""
-    from meshgw.control.consul import ConsulClient, ConsulRequestError
+    when there is no --server-ca-file), `gateway_settings` what `load_gateway_settings` found.
+    Every request and probe is bounded by options.timeout."""
+    results = await _gather(config, options, context, gateway_settings)
+    order = {name: i for i, name in enumerate(CHECK_ORDER)}
+    return sorted(results, key=lambda c: order.get(c.check, len(order)))  # stable
+
+
+async def _gather(
+    config: ConsulConfig,
+    options: DoctorOptions,
+    context: ssl.SSLContext | None,
+    gateway_settings: GatewaySettings | None,
+) -> list[Check]:
+    from meshgw.control.consul.client import ConsulClient
+    from meshgw.control.consul.errors import ConsulRequestError
 
     results: list[Check] = []
     address = config.address
@@ -76,9 +107,12 @@ async def gather(
             except ConsulRequestError as error:
                 return Failure.of(error)
 
-        agent_checks, identity, acls = check_agent(address, await fetch("/v1/agent/self"))
+        agent_doc = await fetch("/v1/agent/self")
+        agent_checks, identity, acls = check_agent(address, agent_doc)
         results += agent_checks
         if identity is None or identity.datacenter is None:
+            if gateway_settings is not None:
+                results += check_settings(gateway_settings, wanfed_datacenter=None)
             return results + not_run("the agent check failed, so its datacenter is unknown")
         local = identity.datacenter
         domain = identity.domain or DEFAULT_DOMAIN
@@ -137,8 +171,13 @@ async def gather(
         results += check_names(dc, servers.get(dc), why)
     # TLS through the local gateway (7).
     results += await tls_checks(local, domain, remote, local_gateways, servers, options, context)
-    order = {name: i for i, name in enumerate(CHECK_ORDER)}
-    return sorted(results, key=lambda c: order.get(c.check, len(order)))  # stable
+    # The gateway's own settings (0), knowing whether this datacenter federates via gateways.
+    if gateway_settings is not None:
+        wanfed = servers_federate_through_gateways(agent_doc)
+        if not wanfed and any(is_wanfed(e) for e in inventory[local].entries or []):
+            wanfed = True
+        results += check_settings(gateway_settings, wanfed_datacenter=wanfed)
+    return results
 
 
 async def _none() -> None:
@@ -159,8 +198,9 @@ async def tls_checks(
             skipped(
                 TLS,
                 "-",
-                "skipped: no --ca-file, and a certificate cannot be checked for server.<dc>."
-                f"{domain} without the CA that signed it (pass --ca-file consul-agent-ca.pem)",
+                "skipped: no --server-ca-file, and a certificate cannot be checked for "
+                f"server.<dc>.{domain} without the CA that signed it (pass --server-ca-file "
+                "consul-agent-ca.pem)",
             )
         ]
     if not remote:

@@ -49,7 +49,7 @@ POST_HANDSHAKE_WAIT = 1.0
 @dataclass(frozen=True, slots=True)
 class DoctorOptions:
     gateways: tuple[tuple[str, int], ...] = ()  # --gateway; empty: the local catalog's
-    ca_file: str | None = None
+    server_ca_file: str | None = None  # --server-ca-file: the servers' CA, not the API's
     cert: str | None = None
     key: str | None = None
     timeout: float = DEFAULT_TIMEOUT
@@ -124,7 +124,7 @@ def classify_probe(probe: Probe, dc: str, local_dc: str, *, with_cert: bool) -> 
     reissue = (
         f"Reissue {dc}'s server certificates with server.{dc}.<domain> and "
         f"<node>.server.{dc}.<domain> (consul tls cert create -server -dc {dc} -node NODE, "
-        "or meshgw tls cert create), signed by the CA given in --ca-file."
+        "or meshgw tls cert create), signed by the CA given in --server-ca-file."
     )
     route_fix = (
         f"Check that the local gateway knows {dc}'s gateways (federation states, or meshgw "
@@ -163,8 +163,8 @@ def classify_probe(probe: Probe, dc: str, local_dc: str, *, with_cert: bool) -> 
         return failed(
             TLS,
             subject,
-            f"the certificate does not verify against --ca-file: {probe.detail}",
-            f"Give --ca-file the CA that signed {dc}'s server certificates, or reissue them "
+            f"the certificate does not verify against --server-ca-file: {probe.detail}",
+            f"Give --server-ca-file the CA that signed {dc}'s server certificates, or reissue them "
             "from the agent CA every datacenter shares.",
         )
     if verdict is Verdict.NO_ALPN:
@@ -335,10 +335,10 @@ def tls_context(options: DoctorOptions) -> ssl.SSLContext:
     context.check_hostname = False  # checked by hand after the handshake; see _handshake
     context.verify_mode = ssl.CERT_REQUIRED
     try:
-        context.load_verify_locations(cafile=options.ca_file)
+        context.load_verify_locations(cafile=options.server_ca_file)
     except (ssl.SSLError, OSError) as error:
         raise ValueError(
-            f"--ca-file {options.ca_file}: not a PEM CA certificate ({error})"
+            f"--server-ca-file {options.server_ca_file}: not a PEM CA certificate ({error})"
         ) from None
     if options.cert is not None and options.key is not None:
         try:

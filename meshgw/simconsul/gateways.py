@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from meshgw.control.catalog import WAN_FEDERATION_META
 from meshgw.simconsul.catalog import Catalog
-from meshgw.simconsul.shapes import WAN_FED_META_KEY, mesh_gateway_node
+from meshgw.simconsul.shapes import mesh_gateway_node
 
 
 class Gateways:
@@ -78,9 +79,9 @@ class Gateways:
                 wan=wan or ((old_wan["Address"], old_wan["Port"]) if old_wan else None),
                 service_id=service_id,
                 name=inst.name,
-                wanfed=(old_meta.get(WAN_FED_META_KEY) == "1") if wanfed is None else wanfed,
+                wanfed=(old_meta.get(WAN_FEDERATION_META) == "1") if wanfed is None else wanfed,
                 status=status or (str(check["Status"]) if check else "passing"),
-                meta={k: v for k, v in old_meta.items() if k != WAN_FED_META_KEY},
+                meta={k: v for k, v in old_meta.items() if k != WAN_FEDERATION_META},
                 weights=svc.get("Weights"),
             )
             self.catalog.put(dc, csn, node_checks=False)

@@ -7,8 +7,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from meshgw.control.catalog import WAN_FEDERATION_META
 from meshgw.simconsul.golang import parse_go_duration
-from meshgw.simconsul.shapes import WAN_FED_META_KEY
 
 
 class DecodeError(Exception):
@@ -193,7 +193,9 @@ def validate_service_meta(kind: str, meta: Mapping[str, str]) -> str | None:
             reason = "Key contains invalid characters"
         elif len(key) > 128:
             reason = "Key is too long (limit: 128 characters)"
-        elif key.startswith("consul-") and not (kind == "mesh-gateway" and key == WAN_FED_META_KEY):
+        elif key.startswith("consul-") and not (
+            kind == "mesh-gateway" and key == WAN_FEDERATION_META
+        ):
             reason = "Key prefix 'consul-' is reserved for internal use"
         elif len(value) > 512:
             reason = "Value is too long (limit: 512 characters)"

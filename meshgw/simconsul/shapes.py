@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from meshgw.control.catalog import WAN_FEDERATION_META
+
 Json = Any
 
 CONSUL_VERSION = "1.17.0"
-WAN_FED_META_KEY = "consul-wan-federation"
 
 # The registration `consul connect envoy -gateway=mesh -register -expose-servers` sends.
 GATEWAY_BODY: dict[str, Any] = {
@@ -29,7 +30,7 @@ GATEWAY_BODY: dict[str, Any] = {
         "lan": {"Address": "10.0.0.5", "Port": 8443},
         "wan": {"Address": "203.0.113.5", "Port": 443},
     },
-    "Meta": {"consul-wan-federation": "1"},
+    "Meta": {WAN_FEDERATION_META: "1"},
     "Check": {
         "Name": "mesh-gateway listening",
         "TCP": "10.0.0.5:8443",
@@ -290,7 +291,7 @@ def mesh_gateway_node(
     index: int = 1,
 ) -> dict[str, Json]:
     """A mesh gateway as `consul connect envoy -gateway=mesh -register -expose-servers` makes."""
-    full_meta = {WAN_FED_META_KEY: "1"} if wanfed else {}
+    full_meta = {WAN_FEDERATION_META: "1"} if wanfed else {}
     full_meta |= dict(meta or {})
     return check_service_node(
         node,

@@ -8,7 +8,9 @@ print it.
 Fidelity notes (see docs/consul.md#tls-material): ECDSA P-256 keys as SEC1 `EC PRIVATE KEY`, random
 serials below 2**128, SubjectKeyId = SHA-256 of the PKIX public key DER (raw 32 bytes, as newer
 consul does), the same subject, extensions and SAN order as consul, and the new certificate is
-verified against the CA before anyone sees it.
+verified against the CA before anyone sees it -- with the checks Go's x509.Verify makes for
+consul, not a stricter verifier: a datacenter such as `dc_1` is a valid Consul name, and its
+underscore must not make the check refuse a certificate consul would write.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from meshgw.wire.names import is_valid_datacenter
 
 CertKind = Literal["server", "client", "cli"]
 CERT_KINDS: tuple[CertKind, ...] = get_args(CertKind)
@@ -48,17 +52,24 @@ CERT_MODE = 0o644
 _SERIAL_LIMIT = 1 << 128
 _MAX_INDEX = 10000  # consul gives up on finding a free file name after the same number of tries
 _LOCALHOST = "localhost"
+_MAX_COMMON_NAME = 64  # RFC 5280's ub-common-name; cryptography refuses a longer CN
 _LOOPBACK = ipaddress.ip_address("127.0.0.1")
 
 # One DNS label. Underscores are tolerated because consul tolerates them in node names.
 _LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 _AnyIP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 _SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 class CertError(Exception):
     """A problem the user can fix; the message names the input and the fix."""
+
+
+class CertInputError(CertError):
+    """The request itself is wrong (a flag value, or flags that do not go together): a usage
+    error, whatever the files on disk hold."""
 
 
 @dataclass(frozen=True)
@@ -77,19 +88,43 @@ class Issued:
 
 def _check_days(days: int) -> None:
     if days < 1:
-        raise CertError(f"--days {days} is not a positive number of days; pass --days 1 or more")
+        raise CertInputError(
+            f"--days {days} is not a positive number of days; pass --days 1 or more"
+        )
+    try:
+        dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
+    except OverflowError:
+        raise CertInputError(
+            f"--days {days} ends after the year 9999, the last date a certificate can hold; "
+            "pass fewer days"
+        ) from None
 
 
 def _check_label(value: str, flag: str, example: str) -> None:
     if "." in value:
-        raise CertError(
+        raise CertInputError(
             f"{flag} {value!r} contains a dot; pass a single DNS label, e.g. {flag} {example}"
         )
     if not _LABEL.match(value):
-        raise CertError(
+        raise CertInputError(
             f"{flag} {value!r} is not a DNS label; use letters, digits and '-', "
             f"e.g. {flag} {example}"
         )
+
+
+def check_datacenter(dc: str) -> None:
+    """Exactly the names a Consul agent accepts for `datacenter` (docs/consul.md#server-settings),
+    capped at one DNS label because the name is a label of every federation SNI."""
+    if is_valid_datacenter(dc):
+        return
+    if "." in dc:
+        raise CertInputError(
+            f"--dc {dc!r} contains a dot; Consul datacenter names are one label, e.g. --dc dc1"
+        )
+    raise CertInputError(
+        f"--dc {dc!r} is not a Consul datacenter name: lower-case letters, digits, '-' and '_' "
+        "only, at most 63 characters, e.g. --dc dc1"
+    )
 
 
 def _check_domain(value: str, flag: str, example: str, *, prefixes: tuple[str, ...] = ()) -> None:
@@ -99,7 +134,7 @@ def _check_domain(value: str, flag: str, example: str, *, prefixes: tuple[str, .
             body = body[len(prefix) :]
             break
     if not body or not all(_LABEL.match(label) for label in body.split(".")):
-        raise CertError(
+        raise CertInputError(
             f"{flag} {value!r} is not a DNS name; use dot-separated labels of letters, "
             f"digits and '-' (e.g. {example!r})"
         )
@@ -116,7 +151,7 @@ def _parse_ips(values: Iterable[str]) -> list[_AnyIP]:
         try:
             ips.append(ipaddress.ip_address(value))
         except ValueError:
-            raise CertError(
+            raise CertInputError(
                 f"--additional-ipaddress {value!r} is not an IP address; "
                 "pass an IPv4 or IPv6 address such as 10.0.0.5"
             ) from None
@@ -139,13 +174,21 @@ def check_cert_request(
     as a missing CA file.
     """
     if kind not in CERT_KINDS:
-        raise CertError(f"unknown certificate kind {kind!r}; pass one of --server, --client, --cli")
+        raise CertInputError(
+            f"unknown certificate kind {kind!r}; pass one of --server, --client, --cli"
+        )
     if node and kind != "server":
-        raise CertError(
+        raise CertInputError(
             f"--node requires --server; drop --node or pass --server instead of --{kind}"
         )
-    _check_label(dc, "--dc", "dc1")
+    check_datacenter(dc)
     _check_domain(domain, "--domain", "consul")
+    name = f"{kind}.{dc}.{domain}"
+    if len(name) > _MAX_COMMON_NAME:
+        raise CertInputError(
+            f"the certificate's name {name} has {len(name)} characters; an X.509 common name "
+            f"holds at most {_MAX_COMMON_NAME}: shorten --dc or --domain"
+        )
     if node:
         _check_label(node, "--node", node.split(".", 1)[0] or "server1")
     _check_days(days)
@@ -153,7 +196,7 @@ def check_cert_request(
     ips = _parse_ips(additional_ips)
     if kind == "cli" and (dnsnames or ips):
         flag = "--additional-dnsname" if dnsnames else "--additional-ipaddress"
-        raise CertError(
+        raise CertInputError(
             f"{flag} applies to --server and --client certificates only; "
             "a --cli certificate names just cli.<dc>.<domain> and localhost"
         )
@@ -263,18 +306,85 @@ def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 def _verify(
     ca_cert: x509.Certificate, leaf: x509.Certificate, name: str, when: dt.datetime
 ) -> None:
-    # consul runs Go's x509.Verify with DNSName = CN before writing; this is the same check:
-    # signature, validity, name constraints and the name itself.
-    verifier = (
-        PolicyBuilder().store(Store([ca_cert])).time(when).build_server_verifier(x509.DNSName(name))
-    )
-    try:
-        verifier.verify(leaf, [])
-    except VerificationError as exc:
+    """consul runs Go's x509.Verify with DNSName = CN before writing; these are the checks it
+    makes on a one-link chain: signature, validity, name constraints and the name itself."""
+    problem = _verify_problem(ca_cert, leaf, name, when)
+    if problem is not None:
         raise CertError(
-            f"the new certificate for {name} does not verify against the CA ({exc}); "
+            f"the new certificate for {name} does not verify against the CA ({problem}); "
             "check --domain and --additional-dnsname against the CA's name constraints"
-        ) from None
+        )
+
+
+def _verify_problem(
+    ca_cert: x509.Certificate, leaf: x509.Certificate, name: str, when: dt.datetime
+) -> str | None:
+    try:
+        leaf.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return "the CA's signature does not verify"
+    for cert in (ca_cert, leaf):
+        if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+            return f"{cert.subject.rfc4514_string()} is not valid at {when.isoformat()}"
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns_names = san.get_values_for_type(x509.DNSName)
+    if name.lower() not in (n.lower() for n in dns_names):
+        return f"{name} is not among its DNS names"
+    try:
+        constraints = ca_cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    for value in dns_names:
+        if not _dns_allowed(value, constraints):
+            return f"the CA's name constraints do not permit {value}"
+    for ip in san.get_values_for_type(x509.IPAddress):
+        if isinstance(ip, _IP_TYPES) and not _ip_allowed(ip, constraints):
+            return f"the CA's name constraints do not permit {ip}"
+    return None
+
+
+def _reverse_labels(name: str) -> list[str] | None:
+    """Go's domainToReverseLabels: labels last first; None for an empty label or a byte
+    outside printable ASCII. Underscores are fine, as they are for Go."""
+    labels = name.split(".")[::-1]
+    if any(not label or any(not 33 <= ord(c) <= 126 for c in label) for label in labels):
+        return None
+    return labels
+
+
+def _dns_within(name: str, constraint: str) -> bool:
+    """Go's matchDomainConstraint: `example.com` permits itself and every name below it,
+    `.example.com` only the names below it; labels compare case-insensitively."""
+    if not constraint:
+        return True
+    must_have_subdomains = constraint.startswith(".")
+    labels = _reverse_labels(name)
+    wanted = _reverse_labels(constraint.removeprefix("."))
+    if labels is None or wanted is None:
+        return False
+    if len(labels) < len(wanted) or (must_have_subdomains and len(labels) == len(wanted)):
+        return False
+    return all(a.lower() == b.lower() for a, b in zip(wanted, labels, strict=False))
+
+
+def _dns_allowed(name: str, constraints: x509.NameConstraints) -> bool:
+    excluded = [c.value for c in constraints.excluded_subtrees or () if isinstance(c, x509.DNSName)]
+    if any(_dns_within(name, c) for c in excluded):
+        return False
+    permitted = [
+        c.value for c in constraints.permitted_subtrees or () if isinstance(c, x509.DNSName)
+    ]
+    return not permitted or any(_dns_within(name, c) for c in permitted)
+
+
+def _ip_allowed(ip: _AnyIP, constraints: x509.NameConstraints) -> bool:
+    def networks(subtrees: Iterable[x509.GeneralName] | None) -> list[Any]:
+        return [c.value for c in subtrees or () if isinstance(c, x509.IPAddress)]
+
+    if any(ip in net for net in networks(constraints.excluded_subtrees)):
+        return False
+    permitted = networks(constraints.permitted_subtrees)
+    return not permitted or any(ip in net for net in permitted)
 
 
 # --------------------------------------------------------------------------- public API
@@ -295,7 +405,7 @@ def create_ca(
     extra = _clean_names(additional_constraints)
     if extra and not name_constraint:
         # consul silently ignores them; a CA without the constraint the user asked for is worse.
-        raise CertError(
+        raise CertInputError(
             "--additional-name-constraint only takes effect with --name-constraint; "
             "add --name-constraint or drop --additional-name-constraint"
         )
@@ -306,6 +416,11 @@ def create_ca(
         )
     if cluster_id:
         _check_domain(cluster_id, "--cluster-id", "8f7ad6c8-4bc1-4d5e-9a6b-3c2d1e0f9a8b")
+    if common_name and len(common_name) > _MAX_COMMON_NAME:
+        raise CertInputError(
+            f"--common-name has {len(common_name)} characters; an X.509 common name holds at "
+            f"most {_MAX_COMMON_NAME}"
+        )
 
     key = _new_key()
     serial = _serial()
@@ -481,8 +596,10 @@ def write_cert(
 ) -> tuple[Path, Path]:
     """Write a certificate (0644) and key (0600) under the first index whose two files are free."""
     if kind not in CERT_KINDS:
-        raise CertError(f"unknown certificate kind {kind!r}; pass one of {', '.join(CERT_KINDS)}")
-    _check_label(dc, "--dc", "dc1")
+        raise CertInputError(
+            f"unknown certificate kind {kind!r}; pass one of {', '.join(CERT_KINDS)}"
+        )
+    check_datacenter(dc)
     _check_domain(domain, "--domain", "consul")
     _ensure_dir(Path(directory))
     for index in range(_MAX_INDEX + 1):

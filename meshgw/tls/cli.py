@@ -1,7 +1,10 @@
 """`meshgw tls ...`: the `consul tls ca create` / `consul tls cert create` commands.
 
-Flags, defaults, file names and output lines follow consul; the work is in `meshgw.tls.certs`.
-Every `CertError` becomes one `Error: ...` line on stderr and exit status 1, never a traceback.
+Flags, defaults, file names and output lines follow consul, and so does the flag spelling: the
+commands of Consul's docs (`-server -dc dc2`) run as pasted (`meshgw.tls.goflags`). The work is in
+`meshgw.tls.certs`. Errors are one `meshgw: error: ...` line on stderr, never a traceback: exit
+status 2 for a usage error (a bad flag or value, `CertInputError`), 1 for anything else
+(a missing CA, a file that exists, a certificate outside the CA's constraints).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from meshgw.tls.certs import (
     DEFAULT_DC,
     DEFAULT_DOMAIN,
     CertError,
+    CertInputError,
     CertKind,
     ca_paths,
     check_ca_absent,
@@ -26,6 +30,7 @@ from meshgw.tls.certs import (
     write_ca,
     write_cert,
 )
+from meshgw.tls.goflags import CommandError, CommandUsageError, GoFlagGroup
 
 _SERVER_WARNING = """\
 ==> WARNING: Server Certificates grants authority to become a
@@ -43,9 +48,22 @@ _DIR_OPTION = click.option(
 )
 
 
-@click.group("tls")
+def _refusal(error: CertError) -> CommandError:
+    if isinstance(error, CertInputError):
+        return CommandUsageError(str(error))
+    return CommandError(str(error))
+
+
+@click.group(
+    "tls",
+    cls=GoFlagGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 def tls_group() -> None:
-    """Create the agent CA and agent certificates, like `consul tls`."""
+    """Create the agent CA and agent certificates, like `consul tls`.
+
+    Consul's spelling works too: `meshgw tls cert create -server -dc dc2 -node consul-server-0`
+    (one dash or two, `-flag value` or `-flag=value`)."""
 
 
 @tls_group.group("ca")
@@ -100,7 +118,7 @@ def ca_create(
         )
         cert_path, key_path = write_ca(issued, directory, domain)
     except CertError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refusal(exc) from None
     click.echo(f"==> Saved {cert_path}")
     click.echo(f"==> Saved {key_path}")
 
@@ -180,7 +198,7 @@ def cert_create(
     chosen = [kind for kind, on in flags if on]
     try:
         if len(chosen) != 1:
-            raise CertError("pass exactly one of --server, --client or --cli")
+            raise CertInputError("pass exactly one of --server, --client or --cli")
         kind = chosen[0]
         # Flag mistakes first, so they are not reported as a missing CA.
         check_cert_request(
@@ -213,6 +231,6 @@ def cert_create(
         )
         cert_path, cert_key_path = write_cert(issued, directory, kind, dc, domain)
     except CertError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refusal(exc) from None
     click.echo(f"==> Saved {cert_path}")
     click.echo(f"==> Saved {cert_key_path}")
