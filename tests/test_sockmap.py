@@ -140,6 +140,40 @@ def test_probe_says_why_without_capabilities():
     assert result.stdout.strip() == "bpf() refused: EPERM (needs CAP_BPF and CAP_NET_ADMIN)"
 
 
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv"
+)
+@pytest.mark.parametrize(
+    ("capabilities", "answer"),
+    [
+        # A non-root user holding them as ambient capabilities (systemd's AmbientCapabilities=).
+        (
+            ["--reuid", "10001", "--regid", "10001", "--clear-groups",
+             "--inh-caps", "+bpf,+net_admin", "--ambient-caps", "+bpf,+net_admin"],
+            "None",
+        ),
+        # Root holding these two and nothing else (a container run as user 0, --cap-drop ALL).
+        (["--bounding-set", "-all,+bpf,+net_admin", "--inh-caps", "-all"], "None"),
+        # A non-root user with the capabilities in its bounding set only: a container's user.
+        (
+            ["--reuid", "10001", "--regid", "10001", "--clear-groups", "--inh-caps", "-all"],
+            "bpf() refused: EPERM (needs CAP_BPF and CAP_NET_ADMIN)",
+        ),
+    ],
+)  # fmt: skip
+def test_which_holders_of_the_capabilities_get_kernel_tunnels(capabilities, answer):
+    code = "from meshgw.dataplane.sockmap import sockmap_unavailable as p; print(p())"
+    result = subprocess.run(
+        ["setpriv", *capabilities, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+        cwd="/",
+    )
+    assert result.stdout.strip() == answer
+
+
 # --- the harness ----------------------------------------------------------------------------
 
 
