@@ -87,6 +87,10 @@ class DataPlaneStats:
         "hello_bytes",
         "hello_seconds",
         "internal_errors",
+        "kernel_capacity",
+        "kernel_joins",
+        "kernel_open",
+        "kernel_refusals",
         "pipe_shortages",
         "pipes_open",
         "rejections",
@@ -108,6 +112,11 @@ class DataPlaneStats:
         self.pipe_shortages: Callable[[], int] = lambda: 0  # and how often no pipe was had
         self.pipes_open: Callable[[], int] = lambda: 0
         self.down: Callable[[], dict[str, str]] = dict  # upstream addresses seen failing
+        # Kernel tunnels (BPF sockmap): joins by trigger; the rest the data plane answers.
+        self.kernel_joins: defaultdict[str, int] = defaultdict(int)
+        self.kernel_capacity = 0
+        self.kernel_open: Callable[[], int] = lambda: 0
+        self.kernel_refusals: Callable[[], dict[str, int]] = dict
 
     def offered(self, protocol: str) -> None:
         # Counted by label, not by what the client sent: the table must not grow with input.
@@ -120,19 +129,20 @@ class DataPlaneStats:
         histogram.observe(seconds)
 
 
+def _counter(name: str, doc: str, labels: Sequence[str], values: dict) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
+
+
 class _DataPlaneCollector(Collector):
     def __init__(self, stats: DataPlaneStats) -> None:
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
         stats = self.stats
-
-        def counter(name: str, doc: str, labels: Sequence[str], values: dict) -> Metric:
-            family = CounterMetricFamily(name, doc, labels=list(labels))
-            for key, value in sorted(values.items()):
-                family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
-            return family
-
+        counter = _counter
         yield counter(
             "meshgw_connections",
             "Connections routed to an upstream, by route kind, datacenter and how they ended.",
@@ -189,6 +199,7 @@ class _DataPlaneCollector(Collector):
             "Splice pipes open now, moving bytes or kept for reuse (two descriptors each).",
             value=stats.pipes_open(),
         )
+        yield from _kernel_tunnel_families(stats)
         yield counter(
             "meshgw_accept_errors",
             "accept() failures by errno name; EMFILE/ENFILE pause accepting for a moment.",
@@ -220,6 +231,35 @@ class _DataPlaneCollector(Collector):
         for kind, histogram in sorted(stats.connect_seconds.items()):
             histogram.add_to(connect, [kind])
         yield connect
+
+
+def _kernel_tunnel_families(stats: DataPlaneStats) -> Iterable[Metric]:
+    yield GaugeMetricFamily(
+        "meshgw_kernel_tunnels",
+        "Connections whose bytes the kernel moves now (BPF sockmap): --pump sockmap joins "
+        "each one, auto promotes the long-lived ones.",
+        value=stats.kernel_open(),
+    )
+    yield GaugeMetricFamily(
+        "meshgw_kernel_tunnel_capacity",
+        "Kernel tunnels the data plane can hold; 0 when the pump mode uses none or the "
+        "kernel refuses them (the start-up log says why).",
+        value=stats.kernel_capacity,
+    )
+    yield _counter(
+        "meshgw_kernel_tunnel_joins",
+        "Connections handed to a kernel tunnel: at the start (sockmap) or promoted (auto).",
+        ["trigger"],
+        stats.kernel_joins,
+    )
+    yield _counter(
+        "meshgw_kernel_tunnel_refusals",
+        "Joins the kernel tunnel refused, by reason: full (no free slot), busy (bytes kept "
+        "coming), eof (half-closed): the connection goes on in splice/userspace; error: it "
+        "was reset.",
+        ["reason"],
+        stats.kernel_refusals(),
+    )
 
 
 class AdminStats:

@@ -24,6 +24,8 @@ import pytest
 import meshgw
 from meshgw.app import Gateway
 from meshgw.buildinfo import build
+from meshgw.dataplane import PUMP_MODES
+from meshgw.dataplane.sockmap import sockmap_unavailable
 from meshgw.settings import Settings
 from meshgw.simconsul import SimConsulThread
 from tests.hellos import TRUST_DOMAIN
@@ -46,6 +48,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"{EXPECT_BUILD_ENV}={expected!r}, but these tests import meshgw {build()!r} "
             f"from {Path(meshgw.__file__).parent}"
         )
+
+
+# --- pump modes ---------------------------------------------------------------------------------
+
+SOCKMAP_UNAVAILABLE = sockmap_unavailable()
+
+
+def pump_param(mode: str, *values: Any) -> Any:
+    """A test parameter for one pump mode: sockmap is skipped, with the kernel's reason, where
+    kernel tunnels are unavailable (meshgw would fall back; the test would prove nothing)."""
+    marks = []
+    if mode == "sockmap" and SOCKMAP_UNAVAILABLE is not None:
+        marks.append(pytest.mark.skip(reason=f"kernel tunnels: {SOCKMAP_UNAVAILABLE}"))
+    return pytest.param(mode, *values, marks=marks)
+
+
+@pytest.fixture(params=[pump_param(mode) for mode in PUMP_MODES])
+def pump(request: pytest.FixtureRequest) -> str:
+    """Every pump mode in turn."""
+    return str(request.param)
 
 
 # --- a gateway running in this process, on its own loop in a thread --------------------------
@@ -158,7 +180,9 @@ def gateway_factory() -> Iterator[Callable[..., GatewayThread]]:
 class GatewayProcess:
     LISTENING = re.compile(r"meshgw listening listen=(\S+):(\d+) admin=(\S+):(\d+)")
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
         if "--workers" not in args:
             args = [*args, "--workers", "1"]  # one process: its descriptors are the gateway's
         if "--drain-delay" not in args:
@@ -166,7 +190,7 @@ class GatewayProcess:
         self.args = args
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshgw", "run", *args],
+            [*prefix, sys.executable, "-m", "meshgw", "run", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=full_env,
@@ -241,8 +265,11 @@ class GatewayProcess:
 def gateway_process() -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
-    def make(*args: str, env: dict[str, str] | None = None) -> GatewayProcess:
-        proc = GatewayProcess(list(args), env)
+    def make(
+        *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> GatewayProcess:
+        """`prefix`: a command that runs the gateway (setpriv, to take capabilities away)."""
+        proc = GatewayProcess(list(args), env, prefix)
         started.append(proc)
         return proc
 

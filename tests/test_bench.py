@@ -350,17 +350,31 @@ def test_meshgw_targets_are_the_data_planes_pump_modes(monkeypatch: pytest.Monke
         "meshgw": "auto",
         "meshgw-splice": "splice",
         "meshgw-userspace": "userspace",
+        "meshgw-sockmap": "sockmap",
     }
     # A mode the data plane adds is a target, with nothing else to change.
-    monkeypatch.setattr(dataplane, "PUMP_MODES", (*dataplane.PUMP_MODES, "sockmap"))
-    assert peers.meshgw_targets()["meshgw-sockmap"] == "sockmap"
-    assert "meshgw-sockmap" in peers.targets()
+    monkeypatch.setattr(dataplane, "PUMP_MODES", (*dataplane.PUMP_MODES, "newmode"))
+    assert peers.meshgw_targets()["meshgw-newmode"] == "newmode"
+    assert "meshgw-newmode" in peers.targets()
     notes: list[str] = []
-    targets, found = cli._choose_targets("direct,meshgw-sockmap", peers.default_config_dir(), notes)
-    assert targets == ["meshgw", "direct", "meshgw-sockmap"] and found == {} and notes == []
-    argv = harness.meshgw_argv({mode: 1 for mode in peers.ROUTES}, "sockmap", 1)
-    assert argv[argv.index("--pump") + 1] == "sockmap"
-    assert not peers.is_peer("meshgw-sockmap") and not peers.is_peer("direct")
+    targets, found = cli._choose_targets("direct,meshgw-newmode", peers.default_config_dir(), notes)
+    assert targets == ["meshgw", "direct", "meshgw-newmode"] and found == {} and notes == []
+    argv = harness.meshgw_argv({mode: 1 for mode in peers.ROUTES}, "newmode", 1)
+    assert argv[argv.index("--pump") + 1] == "newmode"
+    assert not peers.is_peer("meshgw-newmode") and not peers.is_peer("direct")
+
+
+def test_a_mode_the_kernel_refuses_is_skipped_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """meshgw would fall back and measure another mode under the sockmap label."""
+    from meshgw.dataplane import kernelplane
+
+    monkeypatch.setattr(kernelplane, "sockmap_unavailable", lambda: "bpf() refused: EPERM")
+    notes: list[str] = []
+    targets, _ = cli._choose_targets("meshgw-sockmap,direct", peers.default_config_dir(), notes)
+    assert targets == ["meshgw", "direct"]
+    assert notes == ["meshgw-sockmap skipped: kernel tunnels unavailable: bpf() refused: EPERM"]
 
 
 @pytest.mark.parametrize(

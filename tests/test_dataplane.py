@@ -39,6 +39,7 @@ from tests.conftest import (
     connect,
     eventually,
     open_fds,
+    pump_param,
     recv_all,
     recv_exactly,
     stream,
@@ -63,6 +64,29 @@ def metric(admin_port: int, name: str, **labels: str) -> float:
         if metric_name == name and parsed == want:
             return float(value)
     return 0.0
+
+
+def assert_joined(gw: GatewayThread | GatewayProcess, pump: str, joins: int) -> None:
+    """In sockmap mode, the connections really went through kernel tunnels (no fallback)."""
+    if pump == "sockmap":
+        assert metric(gw.admin_port, "meshgw_kernel_tunnel_joins_total", trigger="start") == joins
+
+
+def handed_over(admin_port: int) -> float:
+    """Connections whose hello the upstream took: past their Opening (and, in sockmap mode,
+    past the join, which follows in the same turn of the loop)."""
+    return metric(admin_port, "meshgw_upstream_connect_seconds_count", route_kind="local_server")
+
+
+def wait_for_tunnels(gw: GatewayThread, count: int) -> None:
+    """Until `count` connections are past their hello (a Tunnel, or a KernelTunnel)."""
+    from meshgw.dataplane.opening import Opening
+
+    def tunnels() -> int:
+        dp = gw.gateway.listener.dp  # type: ignore[union-attr]
+        return sum(not isinstance(conn, Opening) for conn in dp.connections)
+
+    eventually(lambda: gw.call(tunnels) == count, what=f"not {count} tunnels")
 
 
 def recorder(store: list[bytes]):
@@ -122,18 +146,19 @@ def tls_client(pki, dc: str, port: int, name: str) -> bytes:
 
 
 def test_tls_with_hostname_verification_to_local_and_remote_servers(
-    pki, gateway_factory, backend_factory
+    pki, gateway_factory, backend_factory, pump
 ):
     dc1_server = backend_factory(tls_server(pki, "dc1"))
     dc2_server = backend_factory(tls_server(pki, "dc2"))
     dc2_gateway = gateway_factory(
-        dc="dc2", expose_servers=True, server=[f"node2={dc2_server.address}"]
+        dc="dc2", expose_servers=True, server=[f"node2={dc2_server.address}"], pump=pump
     )
     dc1_gateway = gateway_factory(
         dc="dc1",
         expose_servers=True,
         server=[f"node1={dc1_server.address}"],
         gateway=[f"dc2=127.0.0.1:{dc2_gateway.port}"],
+        pump=pump,
     )
     port = dc1_gateway.port
     assert tls_client(pki, "dc1", port, "node1.server.dc1.consul") == b"dc1:consul/rpc-multi:ping"
@@ -144,16 +169,16 @@ def test_tls_with_hostname_verification_to_local_and_remote_servers(
     # The gateway never terminates TLS: a server whose certificate lacks the name is caught by
     # the client's own verification, end to end.
     dc3_gateway = gateway_factory(
-        dc="dc3", expose_servers=True, server=[f"imposter={dc1_server.address}"]
+        dc="dc3", expose_servers=True, server=[f"imposter={dc1_server.address}"], pump=pump
     )
     with pytest.raises(ssl.SSLCertVerificationError):
         tls_client(pki, "dc1", dc3_gateway.port, "imposter.server.dc3.consul")
     assert metric(dc1_gateway.admin_port, "meshgw_alpn_offered_total", protocol="consul/rpc-multi")
 
 
-def test_openssl_s_client_through_the_gateway(pki, gateway_factory, backend_factory, tmp_path):
+def test_openssl_s_client_through_the_gateway(pki, gateway_factory, backend_factory, pump):
     server = backend_factory(tls_server(pki, "dc1"))
-    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"], pump=pump)
     import subprocess
 
     result = subprocess.run(
@@ -174,21 +199,32 @@ def test_openssl_s_client_through_the_gateway(pki, gateway_factory, backend_fact
 # --- byte-exactness ----------------------------------------------------------------------------
 
 
-def bulk_backend(backend_factory, size: int, got: dict[str, str]) -> Backend:
-    """A server that sends `size` bytes while it reads until EOF; digests go into `got`."""
+BULK_HELLO = python_hello("node1.server.dc1.consul")
+
+
+def bulk_backend(
+    backend_factory, size: int, got: dict[str, str], speaks_first: bool = False
+) -> Backend:
+    """A server that sends `size` bytes while it reads until EOF; digests go into `got`. It
+    starts sending once the client's stream has begun after the hello, or at once
+    (`speaks_first`)."""
 
     def backend(conn: socket.socket) -> None:
+        digest = hashlib.sha256()
+        if not speaks_first:
+            digest.update(recv_exactly(conn, len(BULK_HELLO)))
+            digest.update(conn.recv(1 << 20))  # the client's stream has begun
+
         def send() -> None:
-            digest = hashlib.sha256()
+            sent = hashlib.sha256()
             for chunk in stream(b"down", size):
                 conn.sendall(chunk)
-                digest.update(chunk)
+                sent.update(chunk)
             conn.shutdown(socket.SHUT_WR)
-            got["down_sent"] = digest.hexdigest()
+            got["down_sent"] = sent.hexdigest()
 
         sender = threading.Thread(target=send)
         sender.start()
-        digest = hashlib.sha256()
         while chunk := conn.recv(1 << 20):
             digest.update(chunk)
         got["up_received"] = digest.hexdigest()
@@ -199,13 +235,17 @@ def bulk_backend(backend_factory, size: int, got: dict[str, str]) -> Backend:
 
 def bulk_both_ways(gw: GatewayThread, server: Backend, size: int, got: dict[str, str]) -> None:
     """`size` bytes each way at once through `gw` to `bulk_backend`, byte-exact."""
-    hello = python_hello("node1.server.dc1.consul")
+    hello = BULK_HELLO
     with connect(gw.port) as client:
         client.settimeout(60)
 
+        # As a TLS client waits for the server's answer: the stream starts once the hello is
+        # upstream, so a kernel tunnel is joined before any of it (the server waits for it).
+        client.sendall(hello)
+        wait_for_tunnels(gw, 1)
+
         def send() -> None:
             digest = hashlib.sha256(hello)
-            client.sendall(hello)
             for chunk in stream(b"up", size):
                 client.sendall(chunk)
                 digest.update(chunk)
@@ -231,15 +271,57 @@ def bulk_both_ways(gw: GatewayThread, server: Backend, size: int, got: dict[str,
 
 @pytest.mark.parametrize(
     ("pump", "size"),
-    [("auto", 256 << 20), ("splice", 256 << 20), ("userspace", 64 << 20)],
+    [
+        pump_param("auto", 256 << 20),
+        pump_param("splice", 256 << 20),
+        pump_param("userspace", 64 << 20),
+        pump_param("sockmap", 256 << 20),
+    ],
 )
 def test_bulk_both_ways_at_once_is_byte_exact(gateway_factory, backend_factory, pump, size):
     got: dict[str, str] = {}
     server = bulk_backend(backend_factory, size, got)
     gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"], pump=pump)
     bulk_both_ways(gw, server, size, got)
-    assert metric(gw.admin_port, "meshgw_bytes_total", route_kind="local_server",
-                  datacenter="dc1", direction="downstream") == size  # fmt: skip
+    assert_joined(gw, pump, 1)
+    for direction, total in (("downstream", size), ("upstream", len(BULK_HELLO) + size)):
+        assert metric(gw.admin_port, "meshgw_bytes_total", route_kind="local_server",
+                      datacenter="dc1", direction=direction) == total  # fmt: skip
+
+
+def queued(sock: socket.socket) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+@pytest.mark.parametrize("pump", [pump_param("sockmap")])
+def test_a_join_refused_as_busy_leaves_the_bytes_to_the_flows(
+    gateway_factory, backend_factory, pump, monkeypatch
+):
+    """More is queued at the join than it forwards itself: the kernel tunnel is refused
+    ("busy"), the Flows take over, and what the join forwarded before it gave up is counted."""
+    from meshgw.dataplane import sockmap
+
+    monkeypatch.setattr(sockmap, "CATCH_UP_LIMIT", 16 << 10)
+    real_join = sockmap.KernelTunnels.join
+
+    def join_once_the_server_spoke(tunnels, a, b):
+        eventually(lambda: queued(b) >= 32 << 10, what="the server's bytes never came")
+        return real_join(tunnels, a, b)
+
+    monkeypatch.setattr(sockmap.KernelTunnels, "join", join_once_the_server_spoke)
+    got: dict[str, str] = {}
+    server = bulk_backend(backend_factory, 64 << 20, got, speaks_first=True)
+    gw = gateway_factory(expose_servers=True, server=[f"node1={server.address}"], pump=pump)
+    bulk_both_ways(gw, server, 64 << 20, got)
+    assert metric(gw.admin_port, "meshgw_kernel_tunnel_refusals_total", reason="busy") >= 1
+    for direction, total in (("downstream", 64 << 20), ("upstream", len(BULK_HELLO) + (64 << 20))):
+        assert metric(gw.admin_port, "meshgw_bytes_total", route_kind="local_server",
+                      datacenter="dc1", direction=direction) == total  # fmt: skip
 
 
 @pytest.mark.parametrize("shortage", ["budget", "emfile"])
@@ -348,7 +430,7 @@ def test_a_bug_met_on_accept_closes_only_that_connection(
     assert server.accepted == 0
 
 
-def test_half_close_each_way(gateway_factory, backend_factory):
+def test_half_close_each_way(gateway_factory, backend_factory, pump):
     hello = python_hello("server.dc1.consul")
 
     def server_answers_after_eof(conn: socket.socket) -> None:
@@ -356,9 +438,12 @@ def test_half_close_each_way(gateway_factory, backend_factory):
         conn.sendall(b"answer:" + hashlib.sha256(request).digest())
 
     a = backend_factory(server_answers_after_eof)
-    gw = gateway_factory(expose_servers=True, server=[f"a={a.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"a={a.address}"], pump=pump)
     with connect(gw.port) as client:
-        client.sendall(hello + b"request body")
+        client.sendall(hello)
+        # The FIN comes once the tunnel runs (a kernel tunnel is joined only before an EOF).
+        wait_for_tunnels(gw, 1)
+        client.sendall(b"request body")
         client.shutdown(socket.SHUT_WR)
         reply = recv_all(client)
     assert reply == b"answer:" + hashlib.sha256(hello + b"request body").digest()
@@ -367,29 +452,33 @@ def test_half_close_each_way(gateway_factory, backend_factory):
     tail: list[bytes] = []
 
     def server_closes_first(conn: socket.socket) -> None:
-        recv_exactly(conn, len(hello))
+        recv_exactly(conn, len(hello) + 2)
         conn.sendall(b"bye")
         conn.shutdown(socket.SHUT_WR)
         tail.append(recv_all(conn))
 
     b = backend_factory(server_closes_first)
-    gw2 = gateway_factory(expose_servers=True, server=[f"b={b.address}"])
+    gw2 = gateway_factory(expose_servers=True, server=[f"b={b.address}"], pump=pump)
     with connect(gw2.port) as client:
         client.sendall(hello)
+        wait_for_tunnels(gw2, 1)  # the server ends once the tunnel runs
+        client.sendall(b"go")
         assert recv_all(client) == b"bye"  # EOF from the server came through
         client.sendall(b"still talking")
         client.shutdown(socket.SHUT_WR)
         b.close()
     assert tail == [b"still talking"]
+    assert_joined(gw, pump, 1)
+    assert_joined(gw2, pump, 1)
 
 
 @pytest.mark.parametrize("shape", ["one_byte_at_a_time", "multi_record", "mlkem_multi_record"])
 def test_split_and_multi_record_hellos_are_forwarded_verbatim(
-    gateway_factory, backend_factory, shape
+    gateway_factory, backend_factory, shape, pump
 ):
     received: list[bytes] = []
     server = backend_factory(recorder(received))
-    gw = gateway_factory(expose_servers=True, server=[f"n1={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"n1={server.address}"], pump=pump)
     hello = python_hello("n1.server.dc1.consul")
     if shape == "multi_record":
         hello = reframe(hello, [60, 7, 100])
@@ -419,12 +508,13 @@ def refused_address() -> str:
     return f"127.0.0.1:{port}"
 
 
-def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory):
+def test_failover_past_a_refusing_endpoint(gateway_factory, backend_factory, pump):
     received: list[bytes] = []
     server = backend_factory(recorder(received))
     gw = gateway_factory(
         expose_servers=True,
         gateway=[f"dc2={refused_address()}", f"dc2={server.address}"],
+        pump=pump,
     )
     hello = python_hello("server.dc2.consul")
     for _ in range(4):  # whichever endpoint comes first, the client gets through
@@ -453,7 +543,7 @@ def test_every_endpoint_down_closes_the_client(gateway_factory):
     assert metric(gw.admin_port, "meshgw_rejections_total", reason="no_upstream") == 1
 
 
-def test_connect_timeout_fails_over(gateway_factory, backend_factory):
+def test_connect_timeout_fails_over(gateway_factory, backend_factory, pump):
     received: list[bytes] = []
     server = backend_factory(recorder(received))
     # A listener whose backlog is full never completes new handshakes: a black hole.
@@ -471,6 +561,7 @@ def test_connect_timeout_fails_over(gateway_factory, backend_factory):
             expose_servers=True,
             connect_timeout=0.3,
             gateway=[f"dc2=127.0.0.1:{hole.getsockname()[1]}", f"dc2={server.address}"],
+            pump=pump,
         )
         hello = python_hello("server.dc2.consul")
         for _ in range(2):
@@ -633,45 +724,90 @@ def test_default_cap_is_what_the_descriptors_allow(gateway_process):
         assert hard < 20000 or found >= 9000
 
 
-def test_idle_timeout_closes_quiet_connections(gateway_factory, backend_factory):
+def test_idle_timeout_closes_quiet_connections(gateway_factory, backend_factory, pump):
     def hold(conn: socket.socket) -> None:
         recv_all(conn)
 
     server = backend_factory(hold)
-    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], idle_timeout=0.4)
+    gw = gateway_factory(
+        expose_servers=True, server=[f"n={server.address}"], idle_timeout=0.4, pump=pump
+    )
     with connect(gw.port) as client:
         client.sendall(python_hello("n.server.dc1.consul"))
         started = time.monotonic()
         assert closed_by_peer(client)
         assert 0.3 < time.monotonic() - started < 3
+    assert_joined(gw, pump, 1)
+    assert metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
+                  datacenter="dc1", outcome="idle_timeout") == 1  # fmt: skip
 
 
-def test_upstream_reset_resets_the_client(gateway_factory, backend_factory):
+def test_client_reset_resets_the_upstream(gateway_factory, backend_factory, pump):
     import struct
 
+    hello = python_hello("n.server.dc1.consul")
+    got_hello = threading.Event()
+    outcome: list[str] = []
+
+    def wait_for_the_end(conn: socket.socket) -> None:
+        recv_exactly(conn, len(hello))
+        got_hello.set()
+        try:
+            while conn.recv(65536):
+                pass
+            outcome.append("eof")
+        except ConnectionResetError:
+            outcome.append("reset")
+
+    server = backend_factory(wait_for_the_end)
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump=pump)
+    with connect(gw.port) as client:
+        client.sendall(hello)
+        assert got_hello.wait(WAIT)
+        wait_for_tunnels(gw, 1)  # the reset comes once the tunnel (or kernel tunnel) runs
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.close()
+    assert outcome == ["reset"]
+    gw.wait_idle()
+    assert_joined(gw, pump, 1)
+    assert metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
+                  datacenter="dc1", outcome="client_reset") == 1  # fmt: skip
+
+
+def test_upstream_reset_resets_the_client(gateway_factory, backend_factory, pump):
+    import struct
+
+    hello = python_hello("n.server.dc1.consul")
+
     def reset(conn: socket.socket) -> None:
-        conn.recv(65536)
+        recv_exactly(conn, len(hello) + 2)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     server = backend_factory(reset)
-    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump=pump)
     with connect(gw.port) as client:
-        client.sendall(python_hello("n.server.dc1.consul"))
+        client.sendall(hello)
+        wait_for_tunnels(gw, 1)  # the reset comes once the tunnel (or kernel tunnel) runs
+        client.sendall(b"go")
         with pytest.raises(ConnectionResetError):
             while client.recv(65536):
                 pass
+    gw.wait_idle()
+    assert_joined(gw, pump, 1)
+    assert metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
+                  datacenter="dc1", outcome="upstream_reset") == 1  # fmt: skip
 
 
 # --- a child process: drain on SIGTERM, descriptors -------------------------------------------
 
 
-def test_sigterm_drains_a_transfer_in_flight(gateway_process, backend_factory):
+def test_sigterm_drains_a_transfer_in_flight(gateway_process, backend_factory, pump):
     size = 32 << 20
     got: dict[str, str] = {}
     started = threading.Event()
 
     def backend(conn: socket.socket) -> None:
-        recv_exactly(conn, len(hello))
+        recv_exactly(conn, len(hello) + 2)
         started.set()
         digest = hashlib.sha256()
         for chunk in stream(b"drain", size, block=256 << 10):
@@ -685,11 +821,15 @@ def test_sigterm_drains_a_transfer_in_flight(gateway_process, backend_factory):
     gw = gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
         "--expose-servers", "--server", f"n={server.address}", "--drain-timeout", "20",
+        "--pump", pump,
     ).wait_listening()  # fmt: skip
     with connect(gw.port) as client:
         client.settimeout(30)
         client.sendall(hello)
+        eventually(lambda: handed_over(gw.admin_port) == 1)
+        client.sendall(b"go")  # the transfer starts once the tunnel runs
         assert started.wait(WAIT)
+        assert_joined(gw, pump, 1)
         gw.signal(signal.SIGTERM)
         gw.wait_for("draining")
         # New connections are refused while the old one finishes.
@@ -705,7 +845,7 @@ def test_sigterm_drains_a_transfer_in_flight(gateway_process, backend_factory):
 
 
 def test_no_descriptor_growth_after_thousands_of_mixed_connections(
-    gateway_process, backend_factory
+    gateway_process, backend_factory, pump
 ):
     def echo_some(conn: socket.socket) -> None:
         data = conn.recv(65536)
@@ -715,7 +855,7 @@ def test_no_descriptor_growth_after_thousands_of_mixed_connections(
     gw = gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-access-log",
         "--expose-servers", "--server", f"n={server.address}",
-        "--gateway", f"dc2={refused_address()}", "--hello-timeout", "0.2",
+        "--gateway", f"dc2={refused_address()}", "--hello-timeout", "0.2", "--pump", pump,
     ).wait_listening()  # fmt: skip
     good = python_hello("n.server.dc1.consul")
     partial = good[:30]
@@ -758,12 +898,26 @@ def test_no_descriptor_growth_after_thousands_of_mixed_connections(
     # The pipe pool may keep a few idle pipes (two descriptors each) for reuse.
     assert open_fds(gw.proc.pid) <= baseline + 2 * 64
     assert metric(gw.admin_port, "meshgw_rejections_total", reason="hello_timeout") == 500
+    if pump == "sockmap":
+        # Every connection that reached its tunnel was joined or refused: a server that answers
+        # and closes before the join is done gets "eof", a client reset met by the join is an
+        # "error" (reported as the client's reset). None is left in the kernel.
+        tunnels = sum(
+            metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
+                   datacenter="dc1", outcome=outcome)
+            for outcome in ("closed", "client_reset")
+        )  # fmt: skip
+        assert tunnels >= 250 and _join_attempts(gw.admin_port) == tunnels
+        assert metric(gw.admin_port, "meshgw_kernel_tunnels") == 0
 
 
-def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factory, backend_factory):
+def test_closed_connections_are_freed_without_the_cycle_collector(
+    gateway_factory, backend_factory, pump
+):
     """A connection and its flows go as soon as it closes: no garbage left for the collector,
     whose walks over thousands of connections would cost every connection CPU."""
     from meshgw.dataplane.dialer import Dialer
+    from meshgw.dataplane.kerneltunnel import KernelTunnel
     from meshgw.dataplane.opening import Opening
     from meshgw.dataplane.pump import Flow
     from meshgw.dataplane.tunnel import Tunnel
@@ -773,7 +927,7 @@ def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factor
         conn.sendall(b"hi")
 
     server = backend_factory(reply)
-    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"])
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump=pump)
     hello = python_hello("n.server.dc1.consul")
     gc.collect()
     gc.disable()
@@ -785,7 +939,8 @@ def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factor
                 assert recv_all(client) == b"hi"
         gw.wait_idle()
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, Opening | Dialer | Tunnel | Flow)]
+        kinds = Opening | Dialer | Tunnel | Flow | KernelTunnel
+        left = [o for o in gc.garbage if isinstance(o, kinds)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -793,14 +948,16 @@ def test_closed_connections_are_freed_without_the_cycle_collector(gateway_factor
     assert left == []
 
 
-def test_out_of_descriptors_pauses_accepting_without_spinning(gateway_process, backend_factory):
+def test_out_of_descriptors_pauses_accepting_without_spinning(
+    gateway_process, backend_factory, pump
+):
     def reply(conn: socket.socket) -> None:
         conn.sendall(conn.recv(65536)[:3])
 
     server = backend_factory(reply)
     gw = gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-access-log",
-        "--expose-servers", "--server", f"n={server.address}",
+        "--expose-servers", "--server", f"n={server.address}", "--pump", pump,
     ).wait_listening()  # fmt: skip
     spare = 8
     limit = open_fds(gw.proc.pid) + spare
@@ -880,6 +1037,24 @@ async def _pipes_short(gw: GatewayProcess, limit: int) -> None:
         await asyncio.sleep(0.05)
 
 
+def _join_attempts(admin_port: int) -> float:
+    joins = metric(admin_port, "meshgw_kernel_tunnel_joins_total", trigger="start")
+    refusals = sum(
+        metric(admin_port, "meshgw_kernel_tunnel_refusals_total", reason=reason)
+        for reason in ("full", "busy", "eof", "error")
+    )
+    return joins + refusals
+
+
+async def _all_joined_or_refused(gw: GatewayProcess, transfers: int) -> None:
+    """Until every transfer is in a kernel tunnel (no pipe: two descriptors), or was refused
+    one (a server that answered before the join: "busy") and moves through Flows."""
+    deadline = time.monotonic() + 60
+    while await asyncio.to_thread(_join_attempts, gw.admin_port) < transfers:
+        assert time.monotonic() < deadline, "the transfers were not all joined"
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("transfers", "max_connections"),
@@ -888,14 +1063,15 @@ async def _pipes_short(gw: GatewayProcess, limit: int) -> None:
         (420, 2000),  # the open-file limit runs out first: pipe2 fails with EMFILE
     ],
 )
+@pytest.mark.parametrize("pump", [pump_param("splice"), pump_param("sockmap")])
 async def test_bulk_at_the_descriptor_limit_never_stalls(
-    gateway_process, transfers: int, max_connections: int
+    gateway_process, transfers: int, max_connections: int, pump: str
 ) -> None:
     server = await asyncio.start_server(_send_stream, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     gw = gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-access-log",
-        "--expose-servers", "--server", f"n=127.0.0.1:{port}", "--pump", "splice",
+        "--expose-servers", "--server", f"n=127.0.0.1:{port}", "--pump", pump,
         "--max-connections", str(max_connections),
     ).wait_listening()  # fmt: skip
     baseline = open_fds(gw.proc.pid)
@@ -903,9 +1079,12 @@ async def test_bulk_at_the_descriptor_limit_never_stalls(
     go = asyncio.Event()
     readers = [asyncio.create_task(_held_reader(gw.port, seed, go)) for seed in range(transfers)]
     try:
-        # Every client reads only once pipes ran short: from then on some flows can move
-        # only through userspace.
-        await _pipes_short(gw, 1024)
+        # Every client reads only once pipes ran short (from then on some flows can move only
+        # through userspace), or once every transfer is in the kernel.
+        if pump == "sockmap":
+            await _all_joined_or_refused(gw, transfers)
+        else:
+            await _pipes_short(gw, 1024)
         go.set()
         results = await asyncio.wait_for(asyncio.gather(*readers), 120)
     finally:
@@ -913,7 +1092,11 @@ async def test_bulk_at_the_descriptor_limit_never_stalls(
             task.cancel()
         server.close()
     assert all(results)
-    assert metric(gw.admin_port, "meshgw_splice_pipe_shortages_total") > 0
+    if pump == "splice":
+        assert metric(gw.admin_port, "meshgw_splice_pipe_shortages_total") > 0
+    else:
+        assert metric(gw.admin_port, "meshgw_kernel_tunnel_joins_total", trigger="start") > 0
+        assert metric(gw.admin_port, "meshgw_kernel_tunnel_refusals_total", reason="error") == 0
     # Every descriptor is back but the pipes kept for reuse (and the admin request's socket).
     deadline = time.monotonic() + WAIT
     while True:

@@ -178,7 +178,7 @@ def test_a_gateway_behind_a_host_name_is_resolved(consul, gateway_factory, backe
 
 
 def test_the_gateways_central_config_and_its_connection_limit(
-    consul, gateway_factory, backend_factory
+    consul, gateway_factory, backend_factory, pump
 ):
     def hold(conn: socket.socket) -> None:
         recv_all(conn)
@@ -189,7 +189,7 @@ def test_the_gateways_central_config_and_its_connection_limit(
     double.gateways.add("dc2", "a", "10.2.0.1", wan=("127.0.0.1", remote.port))
     double.config.set_proxy_defaults({"connect_timeout_ms": 1500})
     double.config.set_service_defaults("mesh-gateway", limits={"MaxConnections": 1})
-    gw = gateway_factory(consul=double.url, register=True, expose_servers=True)
+    gw = gateway_factory(consul=double.url, register=True, expose_servers=True, pump=pump)
     eventually(
         lambda: (route(gw.admin_port, "server.dc2.consul") or {}).get("max_connections") == 1
     )
@@ -203,6 +203,10 @@ def test_the_gateways_central_config_and_its_connection_limit(
             second.sendall(hello)
             assert closed_by_peer(second)
     assert 'meshgw_rejections_total{reason="cluster_limit"} 1.0' in metrics(gw.admin_port)
+    gw.wait_idle()  # the first closed (in a kernel tunnel too): its place is free again
+    with connect(gw.port) as third:
+        third.sendall(hello)
+        eventually(lambda: remote.accepted == 2)
 
 
 def test_the_connect_timeout_setting_wins_over_central_config(consul, gateway_factory):

@@ -38,7 +38,7 @@ def echo_backend(backend_factory, received: list[bytes]):
 
 
 @pytest.fixture
-def behind_a_balancer(gateway_factory, backend_factory):
+def behind_a_balancer(gateway_factory, backend_factory, pump):
     received: list[bytes] = []
     server = echo_backend(backend_factory, received)
     gw = gateway_factory(
@@ -47,6 +47,7 @@ def behind_a_balancer(gateway_factory, backend_factory):
         proxy_protocol="accept",
         proxy_protocol_from=["127.0.0.0/8"],
         access_log=True,
+        pump=pump,
     )
     return gw, received
 

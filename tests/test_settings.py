@@ -185,7 +185,7 @@ def test_consul_http_addr_alone_turns_discovery_on() -> None:
         ({"max_hello_bytes": "512"}, "--max-hello-bytes: 512 is out of range 2048-1048576"),
         ({"trust_domain": "example.consul"}, "is not a Consul trust domain"),
         ({"deregister_after_critical": "30s"}, "give from 1m to"),
-        ({"pump": "magic"}, "--pump: 'magic' is not one of auto, splice, userspace"),
+        ({"pump": "magic"}, "--pump: 'magic' is not one of auto, splice, userspace, sockmap"),
         ({"gateway": ["dc1=10.0.0.1:8443"]}, "dc1 is the local datacenter"),
         ({"hello_timout": "3s"}, "unknown setting 'hello_timout'; did you mean 'hello_timeout'?"),
     ],

@@ -140,6 +140,40 @@ def test_probe_says_why_without_capabilities():
     assert result.stdout.strip() == "bpf() refused: EPERM (needs CAP_BPF and CAP_NET_ADMIN)"
 
 
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv"
+)
+@pytest.mark.parametrize(
+    ("capabilities", "answer"),
+    [
+        # A non-root user holding them as ambient capabilities (systemd's AmbientCapabilities=).
+        (
+            ["--reuid", "10001", "--regid", "10001", "--clear-groups",
+             "--inh-caps", "+bpf,+net_admin", "--ambient-caps", "+bpf,+net_admin"],
+            "None",
+        ),
+        # Root holding these two and nothing else (a container run as user 0, --cap-drop ALL).
+        (["--bounding-set", "-all,+bpf,+net_admin", "--inh-caps", "-all"], "None"),
+        # A non-root user with the capabilities in its bounding set only: a container's user.
+        (
+            ["--reuid", "10001", "--regid", "10001", "--clear-groups", "--inh-caps", "-all"],
+            "bpf() refused: EPERM (needs CAP_BPF and CAP_NET_ADMIN)",
+        ),
+    ],
+)  # fmt: skip
+def test_which_holders_of_the_capabilities_get_kernel_tunnels(capabilities, answer):
+    code = "from meshgw.dataplane.sockmap import sockmap_unavailable as p; print(p())"
+    result = subprocess.run(
+        ["setpriv", *capabilities, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+        cwd="/",
+    )
+    assert result.stdout.strip() == answer
+
+
 # --- the harness ----------------------------------------------------------------------------
 
 
@@ -169,6 +203,7 @@ class Proxy:
     eofs: list[tuple[Tunnel, socket.socket]] = field(default_factory=list)
     shut: dict[Tunnel, int] = field(default_factory=dict)
     outcomes: list[str] = field(default_factory=list)
+    moved: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)  # at the close
     not_yet_flushed: int = 0
 
     def __post_init__(self) -> None:
@@ -235,6 +270,7 @@ class Proxy:
         self.close_tunnel(tunnel, "reset")
 
     def close_tunnel(self, tunnel: Tunnel, outcome: str) -> None:
+        self.moved[tunnel] = self.tunnels.moved(tunnel)  # counters of a slot left are stale
         self.tunnels.leave(tunnel)
         for sock in (tunnel.a, tunnel.b):
             self.routes.pop(sock.fileno(), None)
@@ -348,7 +384,7 @@ def test_replayed_hello_is_neither_duplicated_nor_lost(proxy, hello):
     hello_bytes = recv_exactly(leg.accepted, hello)  # the hello only: a partly read skb stays
     leg.accepted.setblocking(False)
     leg.upstream.sendall(hello_bytes)
-    proxy.join(leg)
+    tunnel = proxy.join(leg)
     rest = list(stream(b"rest", 4 * MiB, block=64 * 1024))
     client = Endpoint(leg.client, rest)
     server = Endpoint(leg.server, [])
@@ -356,6 +392,9 @@ def test_replayed_hello_is_neither_duplicated_nor_lost(proxy, hello):
     client.finish()
     server.finish()
     assert server.received.digest() == hashlib.sha256(first + b"".join(rest)).digest()
+    # What join forwarded itself plus what the kernel moved: every byte after the hello.
+    assert tunnel.caught_up[0] > 0 and tunnel.caught_up[1] == 0
+    assert tunnel.caught_up[0] + proxy.moved[tunnel][0] == 3000 + 4 * MiB
 
 
 @needs_bpf
@@ -565,14 +604,19 @@ def test_catch_up_refuses_when_upstream_cannot_take_the_backlog(proxy):
     with pytest.raises(TunnelRefused) as refused:
         proxy.join(leg)
     assert refused.value.reason == "busy"
+    forwarded = refused.value.caught_up[0]  # it left userspace's hands: counted
+    assert forwarded > 0 and refused.value.caught_up[1] == 0
     # Userspace takes over: the server must get the client's stream, whole and in order.
     for sock in (leg.accepted, leg.upstream):
         sock.setblocking(True)
         sock.settimeout(WAIT)
+    copied = 0
 
     def copy() -> None:
+        nonlocal copied
         while chunk := leg.accepted.recv(65536):
             leg.upstream.sendall(chunk)
+            copied += len(chunk)
         leg.upstream.shutdown(socket.SHUT_WR)
 
     copier = threading.Thread(target=copy, daemon=True)
@@ -582,8 +626,56 @@ def test_catch_up_refuses_when_upstream_cannot_take_the_backlog(proxy):
     server.finish()
     copier.join(WAIT)
     assert server.received.digest() == hashlib.sha256(early).digest()
+    assert forwarded + copied == len(early)
     leg.accepted.shutdown(socket.SHUT_WR)  # nothing comes back: let the client see EOF
     client.finish()
+    leg.close()
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+TCP_CLOSE_WAIT = 8
+
+
+@needs_bpf
+@pytest.mark.parametrize("meanwhile", ["nothing", "bytes"])
+def test_a_peer_closing_during_the_join(proxy, monkeypatch, meanwhile):
+    """The client's FIN lands after the catch-up, before its socket goes into the map (the
+    map takes established sockets only). The upstream socket was in the map for that moment:
+    with nothing received then, "eof" (go on in userspace, nothing lost); bytes it received
+    then were passed to a queue that taking it out dropped: "error" (abort)."""
+    leg = proxy.leg()
+    real = sockmap.TunnelMaps.insert
+    calls: list[socket.socket] = []
+
+    def close_then_insert(maps: sockmap.TunnelMaps, slot: int, sock: socket.socket) -> None:
+        calls.append(sock)
+        if sock is leg.accepted:  # the second insertion: upstream is in the map already
+            if meanwhile == "bytes":
+                leg.server.sendall(b"answer")
+                state = maps.state
+                assert state is not None
+                eventually(lambda: state.get(slot + 1, sockmap.PASSED) == 6)
+            leg.client.shutdown(socket.SHUT_WR)
+            eventually(lambda: tcp_state(leg.accepted) == TCP_CLOSE_WAIT)
+        real(maps, slot, sock)
+
+    monkeypatch.setattr(sockmap.TunnelMaps, "insert", close_then_insert)
+    with pytest.raises(TunnelRefused) as refused:
+        proxy.join(leg)
+    assert calls == [leg.upstream, leg.accepted]
+    assert not any(proxy.tunnels.maps.occupied(slot) for slot in range(proxy.tunnels.maps.slots))
+    if meanwhile == "bytes":
+        assert refused.value.reason == "error"
+        return
+    assert refused.value.reason == "eof"
+    # Both sockets are plain TCP again, their bytes where userspace finds them.
+    leg.server.sendall(b"late answer")
+    assert recv_exactly_nonblocking(leg.upstream, 11) == b"late answer"
+    leg.accepted.settimeout(WAIT)
+    assert leg.accepted.recv(1) == b""  # the client's EOF
     leg.close()
 
 

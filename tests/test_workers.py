@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from meshgw.bench.hellos import python_hello
 from meshgw.metrics import merge_metrics
-from tests.conftest import WAIT, connect, eventually, recv_all
+from tests.conftest import WAIT, connect, eventually, pump_param, recv_all, recv_exactly
 
 
 def test_merge_metrics_sums_samples_and_labels_process_families() -> None:
@@ -65,6 +67,17 @@ def metrics_text(admin_port: int) -> str:
 def active_connections(admin_port: int) -> float:
     for line in metrics_text(admin_port).splitlines():
         if line.startswith("meshgw_active_connections "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def has_joined(admin_port: int, count: int) -> bool:
+    return joins(admin_port) == count
+
+
+def joins(admin_port: int) -> float:
+    for line in metrics_text(admin_port).splitlines():
+        if line.startswith('meshgw_kernel_tunnel_joins_total{trigger="start"} '):
             return float(line.split()[1])
     return 0.0
 
@@ -141,3 +154,78 @@ def test_a_worker_that_dies_is_replaced(two_workers) -> None:
     gw.signal(signal.SIGTERM)
     assert gw.wait_exit(WAIT * 2) == 0
     assert still_running_workers(every_worker) == set()
+
+
+@pytest.mark.parametrize("pump", [pump_param("sockmap")])
+def test_each_worker_joins_its_connections_to_its_own_kernel_tunnels(
+    gateway_process, backend_factory, pump
+) -> None:
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    server = backend_factory(echo)
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
+        "--expose-servers", "--server", f"n={server.address}", "--pump", pump,
+    ).wait_listening()  # fmt: skip
+    assert "pump=sockmap" in "".join(gw.lines)
+    for index in range(40):
+        request = HELLO + b"request %d" % index
+        with connect(gw.port) as client:
+            client.sendall(request)
+            assert recv_exactly(client, len(request)) == request
+            # The FIN waits for the join: a join that meets an EOF is refused ("eof").
+            eventually(partial(has_joined, gw.admin_port, index + 1), what="not joined")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b""
+    served = set()
+    for _ in range(40):
+        line = gw.wait_for(r"meshgw.access connection .*worker=(\d)")
+        served.add(line.group(1))
+        gw.lines.remove(line.string)
+    assert served == {"1", "2"}
+    text = metrics_text(gw.admin_port)
+    # Merged over both workers: each joined what it accepted, in maps of its own.
+    assert 'meshgw_kernel_tunnel_joins_total{trigger="start"} 40.0' in text
+    assert "meshgw_kernel_tunnels 0.0" in text
+    assert 'outcome="closed",route_kind="local_server"} 40.0' in text
+    capacity = [line for line in text.splitlines() if line.startswith("meshgw_kernel_tunnel_cap")]
+    assert capacity and float(capacity[0].split()[1]) > 0
+
+
+DROP_CAPABILITIES = (
+    "setpriv", "--bounding-set", "-bpf,-net_admin,-sys_admin", "--inh-caps", "-all",
+)  # fmt: skip
+
+
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv"
+)
+def test_sockmap_without_capabilities_says_why_once_and_moves_bytes_all_the_same(
+    gateway_process, backend_factory
+) -> None:
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    server = backend_factory(echo)
+    gw = gateway_process(
+        "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
+        "--expose-servers", "--server", f"n={server.address}", "--pump", "sockmap",
+        prefix=DROP_CAPABILITIES,
+    ).wait_listening()  # fmt: skip
+    assert "pump=auto" in "".join(gw.lines)  # splice and userspace, as the log says
+    for index in range(10):
+        request = HELLO + b"request %d" % index
+        with connect(gw.port) as client:
+            client.sendall(request)
+            assert recv_exactly(client, len(request)) == request
+    text = metrics_text(gw.admin_port)
+    assert "meshgw_kernel_tunnel_capacity 0.0" in text
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit(WAIT * 2) == 0
+    why = [line for line in gw.lines if "kernel tunnels unavailable" in line]
+    assert len(why) == 1, why  # logged by one worker, not by each
+    assert "bpf() refused: EPERM (needs CAP_BPF and CAP_NET_ADMIN)" in why[0]
+    assert "--pump sockmap moves bytes with splice and userspace" in why[0]

@@ -18,6 +18,7 @@ import click
 
 from meshgw import __version__
 from meshgw.bench import harness, peers, report, scenarios
+from meshgw.dataplane.kernelplane import pump_unavailable
 
 PLOT_NEEDS = "pip install 'meshgw[bench]'"
 SHARED_NOTE = (
@@ -62,6 +63,7 @@ def _choose_targets(
         )
     targets = [peers.SUBJECT]
     found: dict[str, peers.Peer] = {}
+    modes = peers.meshgw_targets()
     for name in dict.fromkeys(wanted):
         if peers.is_peer(name):
             peer = peers.find_peer(name, config_dir)
@@ -69,6 +71,9 @@ def _choose_targets(
                 notes.append(f"{name} skipped: {peer}")
                 continue
             found[name] = peer
+        elif name in modes and (reason := pump_unavailable(modes[name])):
+            notes.append(f"{name} skipped: {reason}")  # it would measure another mode
+            continue
         targets.append(name)
     return targets, found
 

@@ -2,4 +2,5 @@
 
 # Every `--pump` mode the data plane offers, its default first. `meshgw bench` measures meshgw
 # once per mode listed here: a new mode becomes a bench target by being added.
-PUMP_MODES = ("auto", "splice", "userspace")
+# docs/operations.md#pump-modes says what each does.
+PUMP_MODES = ("auto", "splice", "userspace", "sockmap")

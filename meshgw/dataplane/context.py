@@ -1,9 +1,9 @@
 """What every connection of one process shares: settings, the poller, the read buffer, the
-splice pipes, the counters, the deadlines and the route table in force.
+splice pipes, the kernel tunnels, the counters, the deadlines and the route table in force.
 
-A connection (an `Opening`, then a `Tunnel`) reaches all of it through one `DataPlane` value
-instead of through the listener, so the listener itself is only accepting, backing off,
-sweeping and draining.
+A connection (an `Opening`, then a `Tunnel`, maybe then a `KernelTunnel`) reaches all of it
+through one `DataPlane` value instead of through the listener, so the listener itself is only
+accepting, backing off, sweeping and draining.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from meshgw.dataplane import capacity
+from meshgw.dataplane.deadlines import Deadlines
 from meshgw.dataplane.health import Outliers
+from meshgw.dataplane.kernelplane import KernelPlane, open_kernel_plane, pump_unavailable
 from meshgw.dataplane.poller import Poller
 from meshgw.dataplane.pump import BUFFER_SIZE
 from meshgw.dataplane.splice import SPLICE_AVAILABLE, PipePool
@@ -41,13 +42,15 @@ class DataPlaneConfig:
     max_hello_bytes: int
     max_connections: int
     max_pipes: int
-    pump: str  # auto | splice | userspace
+    pump: str  # one of PUMP_MODES
     access_log: bool
     # --proxy-protocol accept: the load balancers allowed to send a PROXY header (else None).
     proxy_protocol_from: tuple[IPNetwork, ...] | None = None
     backlog: int = 4096
     # How long a connection for a local service nobody asked for yet waits for its route.
     demand_timeout: float = 1.0
+    # Log what holds for the whole gateway (a pump mode falling back) here: in one worker only.
+    announce: bool = True
 
     def __reduce__(self) -> tuple[type[DataPlaneConfig], tuple[object, ...]]:
         # Pickled to the worker processes, and rebuilt through __init__: compiled with mypyc, a
@@ -82,38 +85,16 @@ class Connection(Protocol):
     def close(self, outcome: str) -> None: ...
 
 
-class Deadlines:
-    """Connections waiting out one fixed timeout, oldest first.
+def flow_mode(pump: str) -> str:
+    """How Flows (userspace, splice) move bytes under `pump`: every connection in those modes;
+    in sockmap mode those the kernel refused, which get auto's userspace-then-splice."""
+    mode = "auto" if pump == "sockmap" else pump
+    return mode if SPLICE_AVAILABLE else "userspace"
 
-    One periodic sweep serves them all instead of a timer armed and cancelled per connection:
-    since the timeout is the same for every entry, insertion order is deadline order.
-    """
 
-    __slots__ = ("_waiting", "timeout")
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._waiting: OrderedDict[Any, float] = OrderedDict()
-
-    def add(self, conn: Any, now: float) -> None:
-        self._waiting.pop(conn, None)  # re-added (failover): a fresh deadline, at the end
-        self._waiting[conn] = now + self.timeout
-
-    def discard(self, conn: Any) -> None:
-        self._waiting.pop(conn, None)
-
-    def expired(self, now: float) -> list[Any]:
-        waiting, due = self._waiting, []
-        while waiting:
-            conn, deadline = next(iter(waiting.items()))
-            if deadline > now:
-                break
-            del waiting[conn]
-            due.append(conn)
-        return due
-
-    def compact(self) -> bool:
-        return capacity.compact(self._waiting)
+def pump_mode(pump: str) -> str:
+    """The mode `pump` really runs as here, as the data plane reports it."""
+    return "sockmap" if pump == "sockmap" and pump_unavailable(pump) is None else flow_mode(pump)
 
 
 class DataPlane:
@@ -128,7 +109,9 @@ class DataPlane:
         "config",
         "connections",
         "demand",
+        "flow_mode",
         "hello_deadlines",
+        "kernel",
         "load",
         "loop",
         "outliers",
@@ -157,13 +140,15 @@ class DataPlane:
         self.connections: set[Connection] = set()
         stats.active = lambda: len(self.connections)
         self.view = memoryview(bytearray(BUFFER_SIZE))  # every read of this process lands here
-        use_splice = SPLICE_AVAILABLE and config.pump != "userspace"
+        self.flow_mode = flow_mode(config.pump)
+        use_splice = self.flow_mode != "userspace"
         self.pipes = PipePool(config.max_pipes) if use_splice else None
-        self.pump_mode = config.pump if use_splice else "userspace"
         pipes = self.pipes
         if pipes is not None:
             stats.pipe_shortages = lambda: pipes.shortages
             stats.pipes_open = lambda: pipes.open
+        self.kernel: KernelPlane | None = self._open_kernel(loop, config, stats)
+        self.pump_mode = "sockmap" if self.kernel and config.pump == "sockmap" else self.flow_mode
         self.poller = Poller(loop, self.handler_failed)
         self.hello_deadlines = Deadlines(config.hello_timeout)
         self._connect: dict[float, Deadlines] = {}  # one per connect timeout in use
@@ -181,6 +166,29 @@ class DataPlane:
         self._idle: asyncio.Event | None = None
         self._failures_logged: set[str] = set()
         self._refusals_logged: set[str] = set()
+
+    def _open_kernel(
+        self, loop: asyncio.AbstractEventLoop, config: DataPlaneConfig, stats: DataPlaneStats
+    ) -> KernelPlane | None:
+        kernel, reason = open_kernel_plane(
+            loop, config.pump, config.max_connections, self.handler_failed
+        )
+        if kernel is not None:
+            tunnels = kernel.tunnels
+            stats.kernel_capacity = tunnels.capacity
+            stats.kernel_open = tunnels.__len__
+            stats.kernel_refusals = lambda: tunnels.refusals
+        elif reason is not None and config.announce:
+            # Never a reason not to start: the Flows move every byte, only at a higher cost.
+            level = logging.WARNING if config.pump == "sockmap" else logging.INFO
+            log.log(
+                level,
+                "kernel tunnels unavailable (%s): --pump %s moves bytes with %s",
+                reason,
+                config.pump,
+                "splice and userspace" if self.pipes else "userspace",
+            )
+        return kernel
 
     # --- deadlines, limits, routes on demand ----------------------------------------------------
 
@@ -310,6 +318,8 @@ class DataPlane:
         self.route_deadlines.compact()
         for deadlines in self._connect.values():
             deadlines.compact()
+        if self.kernel is not None:
+            self.kernel.waiting.compact()
 
     def close(self) -> None:
         """Close every connection and everything shared; safe to call again."""
@@ -319,4 +329,7 @@ class DataPlane:
             task.cancel()
         if self.pipes is not None:
             self.pipes.close()
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
         self.poller.close()

@@ -1,7 +1,8 @@
 """The listener: accept, back off when descriptors run out, sweep deadlines, drain.
 
 Each accepted client becomes an Opening (hello → route → connect → replay, opening.py), which
-hands over to a Tunnel (tunnel.py); what they share lives in one DataPlane (context.py).
+hands over to a Tunnel (tunnel.py), which may hand its sockets to a KernelTunnel
+(kerneltunnel.py); what they share lives in one DataPlane (context.py).
 
 Why raw sockets and not asyncio transports: splice(2) needs the file descriptors, and a libuv
 transport cannot share its descriptor. Each socket is registered once with the edge-triggered
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 from meshgw.dataplane.context import DataPlane, DataPlaneConfig
 from meshgw.dataplane.dialer import tune
+from meshgw.dataplane.kerneltunnel import KernelTunnel
 from meshgw.dataplane.opening import Opening
 from meshgw.dataplane.tunnel import LINGER_RESET, Tunnel
 from meshgw.metrics import Metrics
@@ -229,7 +231,7 @@ class Listener:
         assert idle
         now = self.loop.time()
         for conn in list(self.dp.connections):
-            if not isinstance(conn, Tunnel):
+            if not isinstance(conn, Tunnel | KernelTunnel):
                 continue
             moved = conn.moved()
             if moved != conn.idle_mark:

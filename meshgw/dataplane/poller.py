@@ -4,8 +4,10 @@ Why not `loop.add_reader`/`add_writer`: every registration change is an `epoll_c
 adds a probe and an ioctl per new descriptor), and a proxy changes registrations all the time.
 Here each socket is registered once, for reading and writing, edge-triggered: the kernel reports
 changes of state only, so a permanently registered "writable" costs nothing, and closing a socket
-removes it from the set without another system call. The epoll descriptor itself sits in the
-asyncio loop as one reader, so timers and the control plane share the same thread.
+removes it from the set without another system call. The one change ever made: a socket handed
+to a kernel tunnel (kerneltunnel.py) is switched to the events that announce its end. The epoll
+descriptor itself sits in the asyncio loop as one reader, so timers and the control plane share
+the same thread.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ else:  # pragma: no cover - the data plane needs Linux epoll
 MAX_EVENTS = 512
 
 Handler = Callable[[int], None]
-FailureHandler = Callable[[Handler, Exception], None]
+# Told of an exception a connection's callback raised (an event handler, or a timer's), to
+# close that connection (the callback's owner) and count it.
+FailureHandler = Callable[[Callable[..., object], Exception], None]
 
 
 class Poller:
@@ -54,6 +58,11 @@ class Poller:
     def swap(self, fd: int, handler: Handler) -> None:
         """Give a registered `fd`'s events to another handler: no system call."""
         self.handlers[fd] = handler
+
+    def modify(self, fd: int, mask: int) -> None:
+        """Watch a registered `fd` for other events (a socket joined to a kernel tunnel wants
+        only its end reported). A state that matches the new mask is reported again."""
+        self._epoll.modify(fd, mask)
 
     def forget(self, fd: int) -> None:
         """Before closing `fd`: closing removes it from the epoll set, this from our table."""

@@ -213,6 +213,11 @@ class Flow:
             self.pool.give(self.pipe)  # type: ignore[union-attr]
             self.pipe = None
 
+    @property
+    def quiet(self) -> bool:
+        """Holds no byte and has seen no EOF: a kernel tunnel may take this direction over."""
+        return not (self.pending or self.in_pipe or self.eof)
+
     # --- the end ------------------------------------------------------------------------------
 
     def at_eof(self) -> None:

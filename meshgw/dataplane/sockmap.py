@@ -62,7 +62,10 @@ End-of-stream protocol for the caller (what epoll reports for a joined socket):
   are done (flushed and shut) or when the connection is being aborted anyway.
 - `join` raises TunnelRefused: "full", "busy", "eof" leave everything as it was (the caller
   carries on with its own flows; read both sockets until EAGAIN, no edge announces bytes
-  queued before); "error" means the connection must be aborted.
+  queued before); "error" means the connection must be aborted. A socket whose peer closes
+  between the catch-up and the insertion cannot be inserted (the map takes established
+  sockets only): "eof", unless its partner, inserted first, received bytes meanwhile; those
+  were passed to the partner's own queue, which taking it out again drops: "error".
 
 Capabilities: loading the program and creating socket maps needs CAP_BPF and CAP_NET_ADMIN (or
 CAP_SYS_ADMIN) in the initial user namespace; `sockmap_unavailable()` says when they are missing.
@@ -117,11 +120,18 @@ else:  # pragma: no cover
 
 
 class TunnelRefused(Exception):
-    """`join` did not happen. `reason`: full | busy | eof (fall back) or error (abort)."""
+    """`join` did not happen. `reason`: full | busy | eof (fall back) or error (abort).
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    `caught_up`: bytes `join` forwarded itself before it gave up, (a → b, b → a): they left
+    userspace's hands all the same and belong in the connection's byte counts. `failed`: for
+    an error met reading or writing one of the sockets (a reset), that socket.
+    """
+
+    def __init__(self, reason: str, detail: str = "", failed: socket.socket | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.caught_up = (0, 0)
+        self.failed = failed
 
 
 @functools.cache
@@ -233,6 +243,7 @@ class Tunnel:
     backward: Direction  # b → a
     cookies: tuple[int, int]
     pair: int
+    caught_up: tuple[int, int] = (0, 0)  # bytes `join` forwarded itself, (a → b, b → a)
     joined: bool = True
 
     def direction(self, src: socket.socket) -> Direction:
@@ -359,9 +370,20 @@ class KernelTunnels:
             raise TunnelRefused("error", str(error)) from None
         if cookies[0] in self._cookies or cookies[1] in self._cookies:
             raise TunnelRefused("error", "socket already joined")
-        buffer = self.forwarder.buffer
-        _catch_up(a, b, buffer)  # edge (a): no partly read skb left behind
-        _catch_up(b, a, buffer)
+        caught_up = _catch_up_both(a, b, self.forwarder.buffer)  # edge (a)
+        try:
+            return self._insert(a, b, cookies, caught_up)
+        except TunnelRefused as refused:
+            refused.caught_up = caught_up
+            raise
+
+    def _insert(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        cookies: tuple[int, int],
+        caught_up: tuple[int, int],
+    ) -> Tunnel:
         try:
             base_a, base_b = exact_sent_bytes(a), exact_sent_bytes(b)
         except OSError as error:
@@ -369,13 +391,19 @@ class KernelTunnels:
         pair = self._free.popleft()
         slot_a, slot_b = 2 * pair, 2 * pair + 1
         tunnel = Tunnel(
-            a, b, Direction(a, b, slot_a, base_b), Direction(b, a, slot_b, base_a), cookies, pair
+            a,
+            b,
+            Direction(a, b, slot_a, base_b),
+            Direction(b, a, slot_b, base_a),
+            cookies,
+            pair,
+            caught_up,
         )
         try:
             self._enter(tunnel)
         except OSError as error:
             self._exit(tunnel)
-            raise TunnelRefused("error", str(error)) from None
+            raise self._entry_refused(tunnel, error) from None
         for direction in (tunnel.forward, tunnel.backward):
             self._by_slot[direction.slot] = (tunnel, direction)
         self._cookies.update(cookies)
@@ -393,6 +421,22 @@ class KernelTunnels:
         maps.insert(slot_a, tunnel.a)
         kick(tunnel.a)  # edge (b)
         kick(tunnel.b)
+
+    def _entry_refused(self, tunnel: Tunnel, error: OSError) -> TunnelRefused:
+        """Why a socket could not go into the map. EOPNOTSUPP: it is no longer established
+        (its peer's FIN or RST came after the catch-up). The connection can go on in userspace
+        unless the socket that was in the map for that moment passed bytes to its own queue
+        (its peer's slot was empty), which taking it out dropped."""
+        if error.errno != errno.EOPNOTSUPP:
+            return TunnelRefused("error", str(error))
+        state = self.maps.state
+        assert state is not None
+        for d in (tunnel.forward, tunnel.backward):
+            # TCP_INFO takes the socket lock: a program run still going has finished after it.
+            d.src.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+            if state.get(d.slot, PASSED):
+                return TunnelRefused("error", "bytes arrived while a join failed: dropped")
+        return TunnelRefused("eof", "a socket was closed by its peer during the join")
 
     def _exit(self, tunnel: Tunnel) -> None:
         maps = self.maps
@@ -503,17 +547,32 @@ class KernelTunnels:
         self.maps.close()
 
 
-def _catch_up(src: socket.socket, dst: socket.socket, buffer: memoryview) -> None:
+def _catch_up_both(a: socket.socket, b: socket.socket, buffer: memoryview) -> tuple[int, int]:
+    """Empty both receive queues into the other socket; bytes forwarded (a → b, b → a). A
+    refusal carries what was forwarded before it."""
+    moved = [0, 0]
+    try:
+        _catch_up(a, b, buffer, moved, 0)
+        _catch_up(b, a, buffer, moved, 1)
+    except TunnelRefused as refused:
+        refused.caught_up = (moved[0], moved[1])
+        raise
+    return moved[0], moved[1]
+
+
+def _catch_up(
+    src: socket.socket, dst: socket.socket, buffer: memoryview, moved: list[int], index: int
+) -> None:
     """Forward what is queued on `src` until a peek finds nothing (edge a). Only what `dst`
-    accepted is consumed, so a refusal leaves no byte held anywhere."""
-    moved = 0
+    accepted is consumed, so a refusal leaves no byte held anywhere. Counts into
+    `moved[index]`."""
     while True:
         try:
             n = src.recv_into(buffer, 0, PEEK)
         except BlockingIOError:
             return
         except OSError as error:
-            raise TunnelRefused("error", str(error)) from None
+            raise TunnelRefused("error", str(error), src) from None
         if n == 0:
             raise TunnelRefused("eof")
         try:
@@ -521,9 +580,9 @@ def _catch_up(src: socket.socket, dst: socket.socket, buffer: memoryview) -> Non
         except BlockingIOError:
             sent = 0
         except OSError as error:
-            raise TunnelRefused("error", str(error)) from None
+            raise TunnelRefused("error", str(error), dst) from None
         if sent:
             src.recv_into(buffer, sent, socket.MSG_DONTWAIT)
-            moved += sent
-        if sent < n or moved >= CATCH_UP_LIMIT:
-            raise TunnelRefused("busy", f"{moved} bytes forwarded, more queued")
+            moved[index] += sent
+        if sent < n or moved[index] >= CATCH_UP_LIMIT:
+            raise TunnelRefused("busy", f"{moved[index]} bytes forwarded, more queued")

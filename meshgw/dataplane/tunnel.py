@@ -4,6 +4,10 @@ EOF from one side becomes a half-close of the other once everything before it is
 an error on one side resets the other; the last close accounts the bytes and writes the
 access-log line. The Tunnel takes over the sockets' poller registrations from the Opening by
 swapping their handlers (no system call).
+
+Where the data plane has kernel tunnels (kernelplane.py), a Tunnel may hand both sockets to
+one (`promote`) at a moment when neither Flow holds a byte: at once in sockmap mode, once it
+has shown it is long-lived in auto mode. It then gives way to a KernelTunnel.
 """
 
 from __future__ import annotations
@@ -11,19 +15,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
-import time
 from dataclasses import dataclass
 
 from meshgw.dataplane.context import DataPlane
+from meshgw.dataplane.ending import LINGER_RESET, access_log, log_connection
+from meshgw.dataplane.kernelplane import RETRY, KernelPlane
+from meshgw.dataplane.kerneltunnel import KernelTunnel
 from meshgw.dataplane.poller import CLOSED, IN, OUT
 from meshgw.dataplane.pump import Flow
+from meshgw.dataplane.sockmap import TunnelRefused
 from meshgw.routing import Route, Target
 from meshgw.wire.clienthello import Hello
 
-access_log = logging.getLogger("meshgw.access")
-
-LINGER_RESET = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
+__all__ = ["LINGER_RESET", "Handover", "Tunnel", "access_log", "log_connection"]
 
 
 @dataclass(slots=True)
@@ -58,6 +62,7 @@ class Tunnel:
         "up",
         "upstream",
         "upstream_fd",
+        "wakeups",
     )
 
     def __init__(
@@ -68,21 +73,26 @@ class Tunnel:
         self.client_fd, self.upstream_fd = client.fileno(), upstream.fileno()
         self.peer, self.hello = handover.peer, handover.hello
         self.route, self.target, self.started = handover.route, handover.target, handover.started
-        mode, pipes, view = dp.pump_mode, dp.pipes, dp.view
+        mode, pipes, view = dp.flow_mode, dp.pipes, dp.view
         self.up: Flow | None = Flow(self, client, upstream, view, pipes, mode)
         self.down: Flow | None = Flow(self, upstream, client, view, pipes, mode)
         self.up.bytes = handover.replayed
         self.closed = False
         self.idle_mark = 0
         self.idle_since = dp.loop.time()
+        self.wakeups = 0  # events handled: what a kernel tunnel would have spared
 
     def start(self, handover: Handover) -> None:
-        """Take the sockets' events over, then act on what happened before the flows
-        existed: the upstream may have answered (or closed) already, the client may have
-        half-closed, or left more bytes than the Opening's bound let it read."""
+        """Take the sockets' events over (or hand them to a kernel tunnel), then act on what
+        happened before the flows existed: the upstream may have answered (or closed)
+        already, the client may have half-closed, or left more bytes than the Opening's
+        bound let it read."""
         poller = self.dp.poller
         poller.swap(self.client_fd, self._on_client_event)
         poller.swap(self.upstream_fd, self._on_upstream_event)
+        kernel = self.dp.kernel
+        if kernel is not None and self._join_at_start(kernel, handover.client_eof):
+            return
         up, down = self.up, self.down
         assert up is not None and down is not None
         if handover.client_eof:
@@ -96,16 +106,80 @@ class Tunnel:
     # --- the hot path -------------------------------------------------------------------------
 
     def _on_client_event(self, events: int) -> None:
+        self.wakeups += 1
         if events & OUT:
             self.down.writable()  # type: ignore[union-attr]
         if events & (IN | CLOSED) and not self.closed:
             self.up.readable(bool(events & CLOSED))  # type: ignore[union-attr]
 
     def _on_upstream_event(self, events: int) -> None:
+        self.wakeups += 1
         if events & OUT:
             self.up.writable()  # type: ignore[union-attr]
         if events & (IN | CLOSED) and not self.closed:
             self.down.readable(bool(events & CLOSED))  # type: ignore[union-attr]
+
+    # --- into the kernel ----------------------------------------------------------------------
+
+    def promote(self, trigger: str) -> str:
+        """Hand both sockets to a kernel tunnel, if neither Flow holds a byte (the join's
+        precondition). Returns "joined" (this Tunnel is done), "held" (not now), "closed", or
+        why the kernel refused: full, busy, eof (the Flows go on), error (reset, closed)."""
+        up, down, kernel = self.up, self.down, self.dp.kernel
+        if self.closed or up is None or down is None or kernel is None:
+            return "closed"
+        if not (up.quiet and down.quiet):
+            return "held"
+        try:
+            handle = kernel.tunnels.join(self.client, self.upstream)
+        except TunnelRefused as refused:
+            up.bytes += refused.caught_up[0]
+            down.bytes += refused.caught_up[1]
+            if refused.failed is not None:
+                self.abort(refused.failed, OSError(str(refused)))  # a reset, met catching up
+            elif refused.reason == "error":
+                self._reset_both()
+            else:
+                # Bytes queued before the attempt have no edge left to announce them.
+                self._read_until_drained()
+            return refused.reason
+        before = (up.bytes + handle.caught_up[0], down.bytes + handle.caught_up[1])
+        self.closed = True  # the sockets belong to the kernel tunnel from here on
+        up.release()
+        down.release()
+        self.up = self.down = None  # cut the cycle, as close() does
+        kernel.forget(self)
+        joined = KernelTunnel(self.dp, kernel, handle, self, before)
+        self.dp.stats.kernel_joins[trigger] += 1
+        self.dp.handed_over(self, joined)
+        joined.start()
+        return "joined"
+
+    def _join_at_start(self, kernel: KernelPlane, client_eof: bool) -> bool:
+        """Join now (sockmap) or later (auto); True when the sockets are no longer ours."""
+        if not kernel.policy.at_start:
+            kernel.consider(self)
+            return False
+        if client_eof:
+            return False  # half-closed already: the join could only refuse
+        result = self.promote("start")
+        if result in RETRY:
+            kernel.consider(self)  # full or busy now: try again later
+        # Reading on after a refusal may have ended the connection already.
+        return result == "joined" or self.closed
+
+    def _read_until_drained(self) -> None:
+        if not self.closed:
+            self.up.readable(until_eof=True)  # type: ignore[union-attr]
+        if not self.closed:
+            self.down.readable(until_eof=True)  # type: ignore[union-attr]
+
+    def _reset_both(self) -> None:
+        """The join failed half-way: neither side can be trusted to carry on."""
+        for sock in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        self.close("join_failed")
 
     # --- what the flows report ----------------------------------------------------------------
 
@@ -139,6 +213,8 @@ class Tunnel:
             return
         self.closed = True
         dp = self.dp
+        if dp.kernel is not None:
+            dp.kernel.forget(self)
         poller = dp.poller
         poller.forget(self.client_fd)
         poller.forget(self.upstream_fd)
@@ -163,36 +239,3 @@ class Tunnel:
         # The flows point back here: cut the cycle so reference counting frees the tunnel
         # now, rather than the cyclic collector walking thousands of them later.
         self.up = self.down = None
-
-
-def log_connection(
-    peer: tuple | None,
-    hello: Hello | None,
-    route: Route | None,
-    target: Target | None,
-    bytes_up: int,
-    bytes_down: int,
-    started: float,
-    outcome: str,
-    detail: str = "",
-    tried: str = "",
-) -> None:
-    """The access-log line of one connection, whichever phase it ended in. `tried`: the
-    upstreams that failed before, and their errors."""
-    fields = {
-        "client": f"{peer[0]}:{peer[1]}" if peer else "",
-        "sni": hello.sni if hello else None,
-        "alpn": ",".join(hello.alpn) if hello and hello.alpn else None,
-        "route": route.kind.value if route else None,
-        "dc": route.datacenter if route else None,
-        "upstream": str(target.endpoint) if target else None,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "duration_ms": round((time.monotonic() - started) * 1000, 3),
-        "outcome": outcome,
-    }
-    if tried:
-        fields["tried"] = tried
-    if detail:
-        fields["detail"] = detail
-    access_log.info("connection", extra={"fields": fields})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from meshgw.dataplane import messages as m
-from meshgw.dataplane.context import DataPlaneConfig
+from meshgw.dataplane.context import DataPlaneConfig, pump_mode
 from meshgw.dataplane.worker import CHANNEL_FD_ENV
 from meshgw.metrics import Metrics
 from meshgw.routing import RouteTable
@@ -160,7 +161,7 @@ class WorkerPool:
         self.demand: Callable[[str], None] | None = None
         self.workers = [WorkerHandle(i + 1, on_demand=self._demand) for i in range(n)]
         self.listening = False
-        self.pump_mode = config.pump
+        self.pump_mode = pump_mode(config.pump)  # what each worker will find, as they do
         self.supervisor_metrics = metrics
         self.draining = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -168,8 +169,10 @@ class WorkerPool:
 
     def _start_message(self, worker: WorkerHandle) -> m.Start:
         log_format, log_level = self.log_settings
+        # What holds for every worker (a pump mode falling back) is logged by the first.
+        config = dataclasses.replace(self.config, announce=worker.index == 1)
         return m.Start(
-            worker.index, self.config, self.table.topology, self.host, self.port,
+            worker.index, config, self.table.topology, self.host, self.port,
             log_format, log_level,
         )  # fmt: skip
 
