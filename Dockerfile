@@ -23,7 +23,11 @@ RUN pip install /tmp/meshgw \
     && groupadd --system --gid 10001 meshgw \
     && useradd --system --uid 10001 --gid meshgw --no-create-home --shell /usr/sbin/nologin meshgw
 
-# Not root; 8443 needs no privilege (publish it as 443 outside).
+# Not root; 8443 needs no privilege (publish it as 443 outside). Kernel tunnels (--pump sockmap,
+# or auto's promotion) need CAP_BPF and CAP_NET_ADMIN held effective, which a non-root user
+# cannot get here: `docker run --user 0 --cap-drop ALL --cap-add BPF --cap-add NET_ADMIN ...`.
+# Without them meshgw says why once and moves bytes with splice and userspace
+# (docs/operations.md#kernel-tunnels).
 USER 10001:10001
 EXPOSE 8443
 

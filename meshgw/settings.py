@@ -469,7 +469,8 @@ class _DataPlane:
     pump: str = setting(
         "auto",
         choice(*PUMP_MODES),
-        "How bytes move: splice (kernel zero-copy), userspace, or auto.",
+        "How bytes move: auto (userspace, splice for bulk, kernel tunnels for busy long-lived"
+        " connections), splice, userspace, or sockmap (a kernel tunnel for every connection).",
         restart=True,
     )
     workers: int | None = setting(
