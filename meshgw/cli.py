@@ -125,8 +125,8 @@ def run(settings: Settings, flags: dict[str, Any]) -> None:
     metavar="SECONDS",
     default="10",
     show_default=True,
-    help="With Consul: how long every source may take to answer once (host names then get "
-    "what is left, at least a second).",
+    help="How long the sources may take: Consul's to answer once each, then host names to "
+    "resolve (with what is left, at least a second).",
 )
 @with_settings
 def routes(

@@ -100,8 +100,10 @@ class Snapshot:
         while discovery.pending():
             self._progress.clear()
             waiter = asyncio.ensure_future(self._progress.wait())
-            await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+            try:
+                await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
             if task.done():
                 task.result()  # discovery never ends by itself: re-raise what ended it
                 return
