@@ -136,50 +136,57 @@ def run(settings: Settings, flags: dict[str, Any]) -> None:
     "--sni", "names", multiple=True, metavar="NAME", help="Explain the route a name takes."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.option(
+    "--timeout",
+    metavar="SECONDS",
+    default="10",
+    show_default=True,
+    help="How long the sources may take: Consul's to answer once each, then host names to "
+    "resolve (with what is left, at least a second).",
+)
 @with_settings
 def routes(
-    settings: Settings, flags: dict[str, Any], names: tuple[str, ...], as_json: bool
+    settings: Settings,
+    flags: dict[str, Any],
+    names: tuple[str, ...],
+    as_json: bool,
+    timeout: str,
 ) -> None:
-    """Print the route table for these settings, or explain the route of --sni names."""
-    from meshgw.routing import RouteTable
-    from meshgw.topology import merge
-    from meshgw.wire.names import normalize_host_name
+    """Print the route table a gateway with these settings would build, or explain the route
+    of --sni names.
+
+    With Consul (--consul, CONSUL_HTTP_ADDR, or --register, as for meshgw run) the gateway's
+    own discovery runs until every source has answered once; a source that fails is named on
+    stderr. Exit status: 0; 1 when an --sni name is refused; 2 for a usage error, or when the
+    Consul agent cannot be asked.
+    """
+    import asyncio
+
+    from meshgw.control.consul.errors import ConsulConfigError
+    from meshgw.durations import parse_duration
+    from meshgw.routes_command import RoutesError, build_view, consul_config, explain, render_text
 
     try:
-        topology = merge(
-            [settings.static_topology()],
-            datacenter=settings.dc,
-            domain=settings.domain,
-            expose_servers=settings.expose_servers,
-        )
+        seconds = parse_duration(timeout)
+        if seconds <= 0:
+            raise ValueError("give a positive number of seconds")
     except ValueError as error:
+        fail(f"--timeout {timeout!r}: {error}")
+    try:
+        config = consul_config(settings)
+        view = asyncio.run(build_view(settings, config, seconds, names))
+    except (ConsulConfigError, RoutesError) as error:
         fail(str(error))
-    table = RouteTable.build(topology)
+    for warning in view.warnings():
+        click.echo(f"meshgw: warning: {warning}", err=True)
     if names:
-        refused = False
-        for raw in names:
-            name = normalize_host_name(raw)
-            if name is None:
-                click.echo(f"{raw}: refused: not a valid DNS host name")
-                refused = True
-                continue
-            line = table.explain(name)
-            refused |= ": refused:" in line
-            click.echo(line)
+        lines, refused = explain(view.table, names)
+        click.echo("\n".join(lines))
         sys.exit(1 if refused else 0)
-    document = table.to_json()
     if as_json:
-        click.echo(json.dumps(document, indent=2))
+        click.echo(json.dumps(view.to_json(), indent=2))
         return
-    click.echo(
-        f"datacenter {document['datacenter']}, domain {document['domain']}, "
-        f"trust domain {document['trust_domain'] or '(unknown)'}"
-    )
-    for route in document["routes"]:
-        endpoints = ", ".join(e["address"] for e in route["endpoints"])
-        click.echo(f"  {route['match']:<60} {route['kind']:<18} -> {endpoints}")
-    for note in document["notes"]:
-        click.echo(f"  note: {note}")
+    click.echo("\n".join(render_text(view)))
 
 
 def _add_commands(main: click.Group) -> None:

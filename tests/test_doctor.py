@@ -36,7 +36,9 @@ from meshgw.simconsul import AclToken, SimConsulThread, mesh_gateway_node
 from meshgw.tls.certs import create_ca, create_cert
 
 TOKEN = "6b0d3c52-8f1e-4a8c-9d3e-2f5a7c1b9e04"
-ALL_CHECKS = {"agent", "gateways", "wan-address", "federation-state", "forwarding", "names", "tls"}
+ALL_CHECKS = {
+    "agent", "gateways", "wan-address", "federation-state", "forwarding", "names", "tls", "peering",
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -377,7 +379,7 @@ def test_consul_down_is_one_failed_check() -> None:
     assert result.stdout.count("FAIL") == 1
     assert f"FAIL  agent             http://127.0.0.1:{port}: cannot connect" in result.stdout
     assert "fix: Start the Consul agent" in result.stdout
-    assert result.stdout.splitlines()[-1] == "0 passed, 1 failed, 6 skipped"
+    assert result.stdout.splitlines()[-1] == "0 passed, 1 failed, 7 skipped"
 
 
 def test_consul_answering_garbage(consul) -> None:
@@ -633,7 +635,7 @@ def test_settings_are_checked_when_consul_is_down(tmp_path) -> None:
     result = doctor("--consul", f"http://127.0.0.1:{free_port()}", "--config", config)
     assert result.exit_code == 1
     assert result.stdout.splitlines()[0].startswith("FAIL  settings  ")
-    assert result.stdout.splitlines()[-1] == "0 passed, 2 failed, 6 skipped"
+    assert result.stdout.splitlines()[-1] == "0 passed, 2 failed, 7 skipped"
 
 
 def test_the_gateway_settings_name_the_agent_to_ask(consul, tmp_path) -> None:

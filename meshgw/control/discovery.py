@@ -78,23 +78,23 @@ class Discovery:
         """Learn the agent's identity, then follow every source until cancelled."""
         watches = self.watches
         watches.start("agent", self._probe_agent())
-        self.identity = await self._identity()
-        self.datacenter = self.datacenter or self.identity.datacenter
-        dc = self.datacenter or ""
-        self._publish()
-        if self.expose_servers:
-            self._watch_servers()
-        self.gateways = RemoteGateways(watches, dc)
-        self.gateways.start()
-        watches.follow("ca-roots", "/v1/connect/ca/roots", self._on_roots)
-        self.services.start()
-        self._watch_gateway_config()
-        self.peering = PeeringWatch(watches, dc)
-        self.peering.start()
         try:
+            self.identity = await self._identity()
+            self.datacenter = self.datacenter or self.identity.datacenter
+            dc = self.datacenter or ""
+            self._publish()
+            if self.expose_servers:
+                self._watch_servers()
+            self.gateways = RemoteGateways(watches, dc)
+            self.gateways.start()
+            watches.follow("ca-roots", "/v1/connect/ca/roots", self._on_roots)
+            self.services.start()
+            self._watch_gateway_config()
+            self.peering = PeeringWatch(watches, dc)
+            self.peering.start()
             await asyncio.Event().wait()  # the watches run until this task is cancelled
         finally:
-            await watches.stop_all()
+            await watches.stop_all()  # the agent probe too, if cancelled before the identity
 
     async def _identity(self) -> catalog.AgentIdentity:
         failures = 0
@@ -131,6 +131,12 @@ class Discovery:
             else:
                 self.watches.recovered("agent")
             await asyncio.sleep(AGENT_PROBE_INTERVAL)
+
+    def pending(self) -> list[str]:
+        """The sources yet to answer (or fail) once: the agent's identity, then the watches."""
+        if self.identity is None and "agent-self" not in self.watches.health:
+            return ["agent-self"]
+        return self.watches.pending()
 
     def demand(self, service: str) -> bool:
         """A connection asked for a local service that is not watched (see local_services)."""

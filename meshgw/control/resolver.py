@@ -64,6 +64,11 @@ class NameResolver:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.0))
 
+    async def resolve_now(self) -> None:
+        """Resolve every followed name once, at once: for a one-shot view (`meshgw routes`)."""
+        if any(await asyncio.gather(*(self._resolve(name) for name in list(self.due)))):
+            self._publish()
+
     async def _resolve(self, name: str) -> bool:
         """Resolve one name; True if its addresses changed."""
         loop = asyncio.get_running_loop()

@@ -82,6 +82,12 @@ class Watches:
     def names(self, prefix: str) -> list[str]:
         return [name for name in self.tasks if name.startswith(prefix)]
 
+    def pending(self) -> list[str]:
+        """The watches started that have neither answered nor failed yet. A handler that starts
+        watches does so before its step of the loop ends, so between steps an empty list means
+        that every source answered (or failed) at least once, those it led to included."""
+        return [name for name in self.tasks if name not in self.health]
+
     async def stop_all(self) -> None:
         tasks = list(self.tasks.values())
         for task in tasks:

@@ -58,7 +58,10 @@ FEDERATION_STATE = "federation-state"
 FORWARDING = "forwarding"
 NAMES = "names"
 TLS = "tls"
-CHECK_ORDER = (SETTINGS, AGENT, GATEWAYS, WAN_ADDRESS, FEDERATION_STATE, FORWARDING, NAMES, TLS)
+PEERING = "peering"
+CHECK_ORDER = (
+    SETTINGS, AGENT, GATEWAYS, WAN_ADDRESS, FEDERATION_STATE, FORWARDING, NAMES, TLS, PEERING,
+)  # fmt: skip
 
 # Consul's own error texts (agent/structs/errors.go, federation_state_endpoint.go).
 NO_PATH = "No path to datacenter"
@@ -75,13 +78,14 @@ REGISTER_HINT = (
 
 class Status(enum.Enum):
     PASS = "pass"
+    WARN = "warn"  # works, but something makes a share of it fail: does not fail the run
     FAIL = "fail"
     SKIP = "skip"
 
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One line of the report. `fix` is one sentence, for failures only."""
+    """One line of the report. `fix` is one sentence, for failures and warnings only."""
 
     check: str
     subject: str
@@ -105,6 +109,10 @@ def passed(check: str, subject: str, detail: str) -> Check:
 
 def failed(check: str, subject: str, detail: str, fix: str) -> Check:
     return Check(check, subject, Status.FAIL, detail, fix)
+
+
+def warned(check: str, subject: str, detail: str, fix: str) -> Check:
+    return Check(check, subject, Status.WARN, detail, fix)
 
 
 def skipped(check: str, subject: str, detail: str) -> Check:

@@ -85,8 +85,9 @@ def _options(
     "gateways",
     multiple=True,
     metavar="HOST:PORT",
-    help="Local gateway to run the TLS check through (repeatable) [the local datacenter's "
-    "wanfed gateways from the catalog, at their LAN address].",
+    help="Local gateway to run the TLS and peering checks through (repeatable) [the local "
+    "datacenter's wanfed gateways from the catalog, and for peering all its mesh gateways, at "
+    "their LAN address].",
 )
 @click.option(
     "--server-ca-file",
@@ -106,7 +107,7 @@ def _options(
     metavar="SECONDS",
     default="5",
     show_default=True,
-    help="Bound on each Consul request and TLS handshake.",
+    help="Bound on each Consul request, TLS handshake and peering probe.",
 )
 @click.option(
     "--config",
@@ -119,7 +120,7 @@ def _options(
     "--json",
     "as_json",
     is_flag=True,
-    help="Print a JSON list of {check, subject, status, detail, fix}.",
+    help="Print a JSON list of {check, subject, status (pass, warn, fail, skip), detail, fix}.",
 )
 def doctor_command(
     consul: str | None,
@@ -138,8 +139,10 @@ def doctor_command(
     Asks the Consul agent (and, through a local gateway, the remote servers) whether every
     datacenter has healthy wanfed gateways with WAN addresses, federation states, working ?dc=
     forwarding, dot-free names and server certificates valid for their names; given the
-    gateway's settings (--config, MESHGW_*), also what they leave unroutable. Exit status: 0
-    when nothing failed (skips allowed), 1 when a check failed, 2 for a usage error.
+    gateway's settings (--config, MESHGW_*), also what they leave unroutable. For cluster
+    peering: each peering's state, and whether every local mesh gateway forwards the names
+    peering traffic carries. Exit status: 0 when nothing failed (skips and warnings allowed), 1
+    when a check failed, 2 for a usage error.
     """
     from meshgw.control.consul.config import ConsulConfig
     from meshgw.control.consul.errors import ConsulConfigError

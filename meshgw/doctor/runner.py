@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from meshgw.doctor.checks import (
@@ -14,6 +14,7 @@ from meshgw.doctor.checks import (
     CHECK_ORDER,
     FORWARDING,
     GATEWAYS,
+    PEERING,
     TLS,
     Check,
     Failure,
@@ -29,10 +30,22 @@ from meshgw.doctor.checks import (
     check_wan_addresses,
     gateway_inventory,
     is_wanfed,
+    passed,
     request_failure,
     skipped,
 )
 from meshgw.doctor.gateway_settings import GatewaySettings, check_settings
+from meshgw.doctor.passage import PassageProbe, passage_probe
+from meshgw.doctor.peering import (
+    PeeringDocuments,
+    PeeringName,
+    check_passages,
+    exported_services,
+    imports_wanted,
+    missing_gateways,
+    peering_gateways,
+    plan_peering,
+)
 from meshgw.doctor.tls import (
     DoctorOptions,
     Probe,
@@ -101,9 +114,11 @@ async def _gather(
     address = config.address
     async with ConsulClient(config, timeout=options.timeout) as client:
 
-        async def fetch(path: str, dc: str | None = None) -> Outcome:
+        async def fetch(
+            path: str, dc: str | None = None, params: Mapping[str, str] | None = None
+        ) -> Outcome:
             try:
-                return (await client.get(path, dc=dc)).body
+                return (await client.get(path, dc=dc, params=params)).body
             except ConsulRequestError as error:
                 return Failure.of(error)
 
@@ -145,6 +160,8 @@ async def _gather(
             return forwarding, servers, gateways
 
         answers = dict(zip(remote, await asyncio.gather(*map(ask_remote, remote)), strict=True))
+        # Peering (8), while the client is open.
+        peering = await peering_checks(fetch, local, options)
 
     # Gateways (2, 3).
     if isinstance(fed_gateways, Failure) and fed_gateways.kind is FailureKind.FORBIDDEN:
@@ -177,7 +194,7 @@ async def _gather(
         if not wanfed and any(is_wanfed(e) for e in inventory[local].entries or []):
             wanfed = True
         results += check_settings(gateway_settings, wanfed_datacenter=wanfed)
-    return results
+    return results + peering
 
 
 async def _none() -> None:
@@ -236,9 +253,72 @@ async def tls_checks(
     return results
 
 
+Fetch = Callable[..., Awaitable[Outcome]]  # fetch(path, dc=None, params=None)
+
+
+async def peering_checks(fetch: Fetch, local: str, options: DoctorOptions) -> list[Check]:
+    """Check 8: fetch what `plan_peering` reads, then probe each peering name on each local
+    mesh gateway (or each --gateway)."""
+    documents = PeeringDocuments(
+        *await asyncio.gather(
+            fetch("/v1/peerings"),
+            fetch("/v1/config/mesh/mesh"),
+            fetch("/v1/exported-services"),
+            fetch("/v1/connect/ca/roots"),
+        )
+    )
+    wanted = imports_wanted(documents.peerings)
+    services = sorted({export.service for export in exported_services(documents.exports)})
+    imports, chains = await asyncio.gather(
+        asyncio.gather(
+            *(fetch(f"/v1/health/connect/{svc}", params={"peer": peer}) for peer, svc in wanted)
+        ),
+        asyncio.gather(*(fetch(f"/v1/discovery-chain/{svc}") for svc in services)),
+    )
+    documents.imports = dict(zip(wanted, imports, strict=True))
+    documents.chains = dict(zip(services, chains, strict=True))
+    plan = plan_peering(local, documents)
+    if not plan.names:
+        # The check ran and found nothing to route; a document it could not read is a skip.
+        nothing = "no peering and nothing exported to peers: nothing routes through the gateways"
+        return plan.checks or [passed(PEERING, local, nothing)]
+    gateways = list(options.gateways) or await _local_mesh_gateways(fetch)
+    if not gateways:
+        return [*plan.checks, missing_gateways(local, plan)]
+    return plan.checks + await _probe_names(plan.names, gateways, options.timeout)
+
+
+async def _local_mesh_gateways(fetch: Fetch) -> list[tuple[str, int]]:
+    """Every mesh gateway of this datacenter, whatever its service name."""
+    from meshgw.control.remote_gateways import GATEWAY_KIND_FILTER
+
+    listing = await fetch("/v1/catalog/services", params={"filter": GATEWAY_KIND_FILTER})
+    names = sorted(listing) if isinstance(listing, Mapping) else ["mesh-gateway"]
+    documents = await asyncio.gather(*(fetch(f"/v1/health/service/{name}") for name in names))
+    return peering_gateways(documents)
+
+
+async def _probe_names(
+    names: Sequence[PeeringName], gateways: Sequence[tuple[str, int]], timeout: float
+) -> list[Check]:
+    limit = asyncio.Semaphore(MAX_PROBES)
+
+    async def run(name: PeeringName, host: str, port: int) -> PassageProbe:
+        async with limit:
+            return await passage_probe(host, port, name.sni, timeout, name.alpn)
+
+    probes = await asyncio.gather(
+        *(run(name, host, port) for name in names for host, port in gateways)
+    )
+    results: list[Check] = []
+    for i, name in enumerate(names):
+        results += check_passages(name, probes[i * len(gateways) : (i + 1) * len(gateways)])
+    return results
+
+
 # --- output ---------------------------------------------------------------------------------
 
-MARKS = {Status.PASS: "PASS", Status.FAIL: "FAIL", Status.SKIP: "SKIP"}
+MARKS = {Status.PASS: "PASS", Status.WARN: "WARN", Status.FAIL: "FAIL", Status.SKIP: "SKIP"}
 
 
 def render_text(checks: Iterable[Check]) -> str:
@@ -250,8 +330,10 @@ def render_text(checks: Iterable[Check]) -> str:
         if c.fix:
             lines.append(f"{'':4}  {'':<{width}}  fix: {c.fix}")
     counts = {s: sum(1 for c in checks if c.status is s) for s in Status}
+    warnings = f"{counts[Status.WARN]} warned, " if counts[Status.WARN] else ""
     lines.append(
-        f"{counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped"
+        f"{counts[Status.PASS]} passed, {warnings}{counts[Status.FAIL]} failed, "
+        f"{counts[Status.SKIP]} skipped"
     )
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import enum
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,9 @@ from meshgw.wire.names import server_sni
 __all__ = [
     "DoctorOptions",
     "Probe",
+    "Unreachable",
     "Verdict",
+    "connected",
     "tls_probe",
 ]
 
@@ -228,14 +230,35 @@ async def tls_probe(
     afterwards as a session ticket (accepted) or an alert (refused)."""
     gateway = hostport(host, port)
     try:
+        async with connected(host, port, timeout) as (reader, writer):
+            return await _handshake(reader, writer, gateway, name, context, timeout, with_cert)
+    except Unreachable as error:
+        verdict = Verdict.TIMEOUT if error.timed_out else Verdict.UNREACHABLE
+        return Probe(gateway, name, verdict, str(error))
+
+
+class Unreachable(Exception):
+    """The gateway's port did not accept the connection; `timed_out` when it never answered."""
+
+    def __init__(self, detail: str, *, timed_out: bool = False) -> None:
+        super().__init__(detail)
+        self.timed_out = timed_out
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    host: str, port: int, timeout: float
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A connection to a gateway, closed on the way out; raises Unreachable."""
+    try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
     except OSError as error:
-        return Probe(gateway, name, Verdict.UNREACHABLE, error.strerror or str(error))
+        raise Unreachable(error.strerror or str(error)) from None
     except TimeoutError:
-        return Probe(gateway, name, Verdict.TIMEOUT, f"connecting took over {timeout:g}s")
+        raise Unreachable(f"connecting took over {timeout:g}s", timed_out=True) from None
     try:
-        return await _handshake(reader, writer, gateway, name, context, timeout, with_cert)
+        yield reader, writer
     finally:
         writer.close()
         with contextlib.suppress(OSError):
