@@ -98,7 +98,7 @@ def routing_gateway(gateway_factory, double: SimConsulThread) -> GatewayThread:
     gateway = gateway_factory(consul=double.url)
 
     def learned() -> bool:
-        table = gateway.gateway.table  # type: ignore[union-attr]
+        table = gateway.gateway.table
         return all(table.resolve(name) for name in ROUTED) and EXPORTED_L7 in table.refused
 
     eventually(learned, what="the gateway did not learn the peering names")

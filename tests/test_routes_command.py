@@ -116,7 +116,7 @@ def test_the_table_is_the_one_a_gateway_builds_from_the_agent(consul, gateway_fa
     gateway = gateway_factory(consul=double.url, expose_servers=True)
 
     def same() -> bool:
-        running = gateway.call(lambda: gateway.gateway.table.to_json())  # type: ignore[union-attr]
+        running = gateway.call(lambda: gateway.gateway.table.to_json())
         return comparable(running) == comparable(view)
 
     eventually(same, what="the running gateway's table differs from `meshgw routes`")
