@@ -755,6 +755,13 @@ def _service_key(name: str) -> ServiceKey:
 
 
 _SPECS = {f.name: f for f in fields(Settings)}
+# The settings by what they are about, in the order docs/settings.md gives them.
+GROUPS: tuple[tuple[str, type], ...] = (
+    ("Routing", _Routing),
+    ("Data plane", _DataPlane),
+    ("Admin and logs", _Faces),
+    ("Consul", _ControlPlane),
+)
 
 
 def specs() -> list[Any]:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from meshgw import settings_reference
 from meshgw.cli import main
 from meshgw.control.consul import config as consul_client
 from meshgw.settings import Settings
@@ -232,3 +233,9 @@ def test_the_table_names_real_meshgw_flags_and_variables() -> None:
             continue
         for name in re.findall(r"`([^`]+)`", meshgw):
             assert name in flags or name in variables, (consul, name)
+
+
+def test_the_settings_reference_is_current() -> None:
+    """docs/settings.md is generated from the settings' declarations; regenerate it with
+    `python -m meshgw.settings_reference > docs/settings.md` after changing one."""
+    assert (REPO / "docs" / "settings.md").read_text() == settings_reference.render()

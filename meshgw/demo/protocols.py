@@ -1,6 +1,6 @@
 """What the demo's simulated Consul servers say on each ALPN protocol, sans I/O.
 
-Bytes in, values out; no sockets, no asyncio (STYLE.md: the wire layer's habit). The protocols are
+Bytes in, values out; no sockets, no asyncio (as meshgw/wire is). The protocols are
 small stand-ins for Consul's, with the parts that matter to a gateway kept exact:
 
 - `consul/wan-gossip/packet`: memberlist packets framed as in `wanfed.go` — a 4-byte big-endian

@@ -42,13 +42,13 @@ from meshgw.simconsul.services import Services
 class SimConsul:
     """Knobs: ``servers`` Consul servers in the agent's datacenter (``consul-server-N`` at
     10.0.0.1N:8300, the first leads); ``acl_tokens`` turns ACLs on (default deny;
-    ``anonymous_rules`` for the anonymous token); ``anti_entropy_delay`` seconds before
-    federation states follow the catalog; ``jitter`` adds Consul's up-to-wait/16 to blocking
-    waits; ``initial_check_status`` of newly registered checks (Consul: critical);
-    ``deregister_unknown_404`` answers deregistration of an unknown ID with 404, as newer Consul
-    versions do (older ones answer 200); ``check_interval`` probes registered TCP checks;
-    ``bind_addr`` is the agent's Config.BindAddr (``"::"`` makes it dual-stack for
-    `consul connect envoy`, whose gateway TCP check then falls back to ``::1``).
+    ``anonymous_rules`` for the anonymous token); ``anti_entropy_delay`` seconds before federation
+    states follow the catalog; ``jitter`` adds Consul's up-to-wait/16 to blocking waits;
+    ``initial_check_status`` of newly registered checks (Consul: critical);
+    ``deregister_unknown_404`` answers deregistration of an unknown ID with 404, as current Consul
+    does (False: 200, as older versions did); ``check_interval`` probes registered TCP checks;
+    ``bind_addr`` is the agent's Config.BindAddr (``"::"`` makes it dual-stack for `consul connect
+    envoy`, whose gateway TCP check then falls back to ``::1``).
     """
 
     def __init__(
@@ -66,7 +66,7 @@ class SimConsul:
         anti_entropy_delay: float = 0.0,
         jitter: bool = True,
         initial_check_status: str = "critical",
-        deregister_unknown_404: bool = False,
+        deregister_unknown_404: bool = True,
         check_interval: float | None = None,
         bind_addr: str = "0.0.0.0",
     ) -> None:
