@@ -104,7 +104,8 @@ class GatewayStartError(Exception):
 
     @property
     def address_in_use(self) -> bool:
-        return any("Address already in use" in line for line in self.output)
+        # meshgw says "address already in use" (bind_error); Python's own text capitalises it.
+        return any("address already in use" in line.lower() for line in self.output)
 
 
 @dataclass(slots=True)
