@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import os
 import re
+import shlex
 import signal
 import ssl
 import subprocess
@@ -13,13 +16,29 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from click.testing import CliRunner
 
-from meshgw.demo import report
-from meshgw.demo.federation import Federation, Shape
-from meshgw.demo.gateways import parse_counters
-from meshgw.demo.layout import Pki, ServerSpec, make_pki
+from meshgw.addresses import parse_address
+from meshgw.app.gateway import bind_error
+from meshgw.control.registrar import GatewayRegistration
+from meshgw.demo import console, demo_command, report, runner
+from meshgw.demo.agents import Agents, ServerEntry
+from meshgw.demo.federation import Federation, Shape, start_gateways
+from meshgw.demo.gateways import (
+    GatewayChild,
+    GatewayStartError,
+    fetch_admin,
+    missing_routes,
+    parse_counters,
+    toml_document,
+)
+from meshgw.demo.layout import GatewaySpec, Pki, ServerSpec, make_pki
+from meshgw.demo.peering import PeeringDemo
+from meshgw.demo.peering_round import peered_l7, peering_round
 from meshgw.demo.protocols import (
     ALPN_PACKET,
     ALPN_RPC,
@@ -38,7 +57,13 @@ from meshgw.demo.protocols import (
     frame,
     rpc_answer,
 )
+from meshgw.demo.runner import DemoOptions
 from meshgw.demo.servers import SimServer, client_context
+from meshgw.demo.snapshot import settings_from_topology
+from meshgw.routing import RouteTable
+from meshgw.settings import Settings
+from meshgw.simconsul import SimConsul, decode_registration
+from meshgw.topology import merge
 from tests.conftest import REPO, lines_until
 
 DEMO_TIMEOUT = 90.0
@@ -275,43 +300,360 @@ async def test_server_closes_on_a_packet_over_4_mib(server: SimServer, pki: Pki)
     assert server.refused["packet_too_large"] == 1
 
 
-# --- a federation in this process: a path that fails is reported, not hidden -----------------
+# --- the agents: each datacenter's own, the others' reached with ?dc= ---------------------------
 
 
-@pytest.mark.slow
-async def test_a_server_that_goes_away_fails_its_paths(tmp_path: Path) -> None:
-    federation = Federation(Shape(datacenters=2, servers_per_dc=2, gateways_per_dc=2), tmp_path)
-    try:
-        await federation.start(lambda _: None)
-        first = await federation.round()
-        assert all(r.ok for r in first), report.failed_paths(first)
-        assert all(r.rtt is not None and r.rtt > 0 for r in first)
-        # Every path names the remote gateways that carried it, learned from the access log.
-        assert all(r.remote_gateways for r in first)
-        assert all(g.startswith(r.target_dc + "/") for r in first for g in r.remote_gateways)
-
-        gone_server = next(s for s in federation.servers if s.member == "node-1.dc2")
-        await gone_server.close()
-        second = await federation.round()
-    finally:
-        await federation.close()
-    failed = report.failed_paths(second)
-    assert len(failed) == 2  # node-0.dc1 and node-1.dc1 could not reach node-1.dc2
-    assert all(
-        line.startswith(("node-0.dc1 -> node-1.dc2", "node-1.dc1 -> node-1.dc2")) for line in failed
+def gateway_registration(host: str, port: int, service_id: str) -> dict[str, Any]:
+    """What `meshgw run --register --expose-servers` sends (the registrar's own body)."""
+    registration = GatewayRegistration(
+        service_id=service_id,
+        address=(host, port),
+        wan_address=(host, port),
+        expose_servers=True,
     )
-    members = report.members_table(federation.servers, second)
-    assert re.search(r"node-1\.dc2\s+\S+\s+failed\s+server\s+dc2\s+0/2", members), members
-    assert re.search(r"node-0\.dc2\s+\S+\s+alive", members), members
-    assert all(not child.running for child in federation.children)
+    return decode_registration(registration.body())
 
 
-# --- the whole demo ----------------------------------------------------------------------------
+async def test_agents_forward_every_datacenter_and_follow_its_catalog() -> None:
+    agents = Agents(("dc1", "dc2"))
+    servers = {
+        "dc1": [ServerEntry("node-0", "127.0.0.10", 8300)],
+        "dc2": [ServerEntry("node-0", "127.0.0.20", 8300)],
+    }
+    hosts = {"dc1": "127.0.0.1", "dc2": "127.0.0.1"}
+    await agents.start(hosts, servers, well_known_ports=False)
+    dc1, dc2 = agents.sims["dc1"], agents.sims["dc2"]
+    try:
+        assert dc1.url != dc2.url
+        async with aiohttp.ClientSession() as http:
+
+            async def get(sim: SimConsul, path: str) -> Any:
+                async with http.get(sim.url + path) as response:
+                    assert response.status == 200, await response.text()
+                    return await response.json()
+
+            assert (await get(dc1, "/v1/agent/self"))["Config"]["Datacenter"] == "dc1"
+            assert await get(dc2, "/v1/catalog/datacenters") == ["dc2", "dc1"]
+            remote = await get(dc1, "/v1/health/service/consul?dc=dc2")
+            assert [(e["Node"]["Node"], e["Node"]["Address"]) for e in remote] == [
+                ("node-0", "127.0.0.20")
+            ]
+            assert await get(dc1, "/v1/internal/federation-states") == []
+
+            # A gateway registers with dc2's agent: dc1's agent lists it with ?dc=dc2, and both
+            # agents' federation states hold it.
+            dc2.agent.register(
+                gateway_registration("127.0.0.2", 8443, "mesh-gateway-0"), replace_checks=True
+            )
+            await dc1.raft.signal.wait_async(lambda: dc1.federation.state("dc2") is not None, WAIT)
+            listed = await get(dc1, "/v1/health/service/mesh-gateway?dc=dc2")
+            assert [e["Service"]["ID"] for e in listed] == ["mesh-gateway-0"]
+            assert listed[0]["Service"]["TaggedAddresses"]["wan"] == {
+                "Address": "127.0.0.2",
+                "Port": 8443,
+            }
+            states = await get(dc2, "/v1/internal/federation-states")
+            assert [s["Datacenter"] for s in states] == ["dc2"]
+            assert agents.gateway_locator("dc2") == ["127.0.0.2:8443"]
+            assert agents.gateway_locator("dc1") == []
+            assert agents.check_status("dc2", "mesh-gateway-0") == "passing"
+
+            dc2.agent.deregister("mesh-gateway-0")
+            await dc1.raft.signal.wait_async(
+                lambda: not (dc1.federation.state("dc2") or {}).get("MeshGateways"), WAIT
+            )
+            assert await get(dc1, "/v1/health/service/mesh-gateway?dc=dc2") == []
+            assert agents.check_status("dc2", "mesh-gateway-0") == "-"
+    finally:
+        await agents.stop()
+
+
+# --- what a route table holds, and the same routes as settings ---------------------------------
+
+
+def routes_document(*routes: tuple[str, list[str], str], refused: tuple[str, ...] = ()) -> Any:
+    return {
+        "routes": [
+            {
+                "match": match,
+                "endpoints": [{"address": a, "healthy": True, "source": source} for a in addresses],
+            }
+            for match, addresses, source in routes
+        ],
+        "refused": {name: "peered_l7" for name in refused},
+    }
+
+
+def test_missing_routes_names_what_is_not_there_yet() -> None:
+    both = ["127.0.2.1:8443", "127.0.2.2:8443"]
+    want = {"*.server.dc2.consul": set(both)}
+    complete = routes_document(("*.server.dc2.consul", both, "consul"))
+    assert missing_routes(complete, want) == []
+    assert missing_routes(routes_document(), want) == ["no route for *.server.dc2.consul"]
+    one = routes_document(("*.server.dc2.consul", ["127.0.2.1:8443"], "consul"))
+    assert missing_routes(one, want) == [
+        "*.server.dc2.consul -> 127.0.2.1:8443, not 127.0.2.1:8443, 127.0.2.2:8443"
+    ]
+    # The same addresses, but from the primary_gateways bootstrap: not learned from Consul yet.
+    boot = routes_document(("*.server.dc2.consul", both, "primary-gateways"))
+    assert missing_routes(boot, want) == [
+        "*.server.dc2.consul: an endpoint is unhealthy or not from Consul"
+    ]
+    # Every gateway of a datacenter stopped: no route is what is expected.
+    assert missing_routes(routes_document(), {"*.server.dc2.consul": set()}) == []
+    assert missing_routes(complete, want, refused=["api.x"]) == ["api.x not refused"]
+    assert missing_routes(routes_document(refused=("api.x",)), {}, refused=["api.x"]) == []
+
+
+def test_discovered_topology_as_settings_routes_the_same_names(tmp_path: Path) -> None:
+    td = "11111111-2222-4333-8444-555555555555.consul"
+    db = f"db.default.default.cluster-02.external.{td}"
+    topology = {
+        "datacenter": "dc1",
+        "domain": "consul",
+        "trust_domain": td,
+        "servers": {"node-0": "127.0.1.10:8300"},
+        "gateways": {"dc2/default": ["127.0.2.1:8443", "127.0.2.2:8443"]},
+        "peering": {
+            "local_servers": ["127.0.1.10:8503"],
+            "remote_servers": {
+                "server.dc9.peering.x.consul": {"peer": "c9", "endpoints": ["127.0.9.1:8443"]}
+            },
+            "exports": {db: {"peer": "cluster-02", "endpoints": ["127.0.1.200:21000"]}},
+            "exports_l7": [f"api.default.default.cluster-02.external.{td}"],
+            "imports": {},
+        },
+    }
+    settings = settings_from_topology(topology)
+    config = tmp_path / "discovered.toml"
+    config.write_text(toml_document("test", settings))
+    loaded = Settings.load({}, config=str(config), environ={})
+    table = RouteTable.build(
+        merge([loaded.static_topology()], datacenter="dc1", domain="consul", expose_servers=True)
+    )
+    explained = {
+        "node-0.server.dc2.consul": "127.0.2.1:8443",
+        "node-0.server.dc1.consul": "127.0.1.10:8300",
+        f"server.dc1.peering.{td}": "127.0.1.10:8503",
+        "server.dc9.peering.x.consul": "127.0.9.1:8443",
+        db: "127.0.1.200:21000",
+    }
+    for name, address in explained.items():
+        assert address in table.explain(name), table.explain(name)
+    assert ": refused:" in table.explain(f"api.default.default.cluster-02.external.{td}")
+
+
+# --- a federation in this process: the gateways learn it from the agents ----------------------
 
 
 def demo_env() -> dict[str, str]:
     # A MESHGW_DC or CONSUL_HTTP_ADDR in the developer's shell must not change the demo.
     return {k: v for k, v in os.environ.items() if not k.startswith(("MESHGW_", "CONSUL_"))}
+
+
+async def run_command(argv: list[str], timeout: float = 60.0) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=demo_env()
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, output.decode()
+
+
+async def test_gateways_register_discover_and_doctor_passes(tmp_path: Path) -> None:
+    federation = Federation(Shape(datacenters=2, servers_per_dc=1, gateways_per_dc=1), tmp_path)
+    try:
+        await federation.start(lambda _: None)
+        for dc in federation.datacenters:
+            child = federation.gateways[dc][0]
+            config = child.spec.config.read_text()
+            # Nothing routable is configured: no servers, no gateways, not even the datacenter.
+            assert not re.search(r"^(server|gateway|dc) =", config, re.M), config
+            # The agent saw the registration, as `consul connect envoy -register` sends it.
+            sim = federation.agents.sims[dc]
+            assert sim.requests.find("/v1/agent/service/register", "PUT")
+            service = federation.agents.registrations(dc)["mesh-gateway-0"]
+            assert service["Kind"] == "mesh-gateway"
+            assert service["Meta"] == {"consul-wan-federation": "1"}
+            assert service["TaggedAddresses"]["wan"] == {
+                "Address": child.spec.host,
+                "Port": child.spec.port,
+            }
+            # Every route the table holds came from the agent.
+            routes = json.loads(await fetch_admin(child.spec.admin, "/v1/routes"))
+            sources = {e["source"] for r in routes["routes"] for e in r["endpoints"]}
+            assert sources == {"consul"}, routes
+            assert routes["datacenter"] == dc
+        results = await federation.round()
+        assert report.verdict(results) == "2 of 2 paths work through the gateways"
+        assert all(r.remote_gateways for r in results)
+
+        assert federation.pki is not None
+        gateway = federation.gateways["dc1"][0]
+        hints = report.Hints(
+            agent=federation.agents.url("dc1"),
+            ca=federation.pki.ca,
+            client_cert=federation.pki.servers[("dc1", "node-0")],
+            gateway=gateway,
+            discovered=await gateway.discovered_settings(),
+            target_sni="node-0.server.dc2.consul",
+            local_sni="node-0.server.dc1.consul",
+        )
+        printed = report.try_by_hand(hints)
+        doctor = next(line for line in printed.splitlines() if " doctor --consul " in line)
+        status, output = await run_command(shlex.split(doctor))
+        assert status == 0, output
+        assert "0 failed, 0 skipped" in output, output
+        assert re.search(r"PASS\s+tls\s+node-0\.server\.dc2\.consul via", output), output
+        assert re.search(r"PASS\s+forwarding\s+dc2", output), output
+        routes = next(line for line in printed.splitlines() if " routes --config " in line)
+        status, output = await run_command(shlex.split(routes))
+        assert status == 0, output
+        assert "node-0.server.dc2.consul: remote_server" in output, output
+    finally:
+        await federation.close()
+    assert all(not child.running for child in federation.children)
+
+
+async def test_check_fails_when_a_server_goes_away(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The --check story itself: node-0.dc2 goes away during the failover; every path to it
+    fails in round 2, and the check says so and fails."""
+    federation = Federation(Shape(datacenters=2, servers_per_dc=1, gateways_per_dc=2), tmp_path)
+    real_round = federation.round
+    rounds: list[list[Any]] = []
+
+    async def round_with_a_server_gone() -> list[Any]:
+        if rounds:
+            gone = next(s for s in federation.servers if s.member == "node-0.dc2")
+            await gone.close()
+        rounds.append(await real_round())
+        return rounds[-1]
+
+    federation.round = round_with_a_server_gone  # type: ignore[method-assign]
+    options = DemoOptions(federation.shape, check=True)
+    try:
+        status = await runner._story(federation, options, asyncio.Event())
+    finally:
+        await federation.close()
+    output = capsys.readouterr().out
+    assert status == console.EXIT_FAILED, output
+    assert all(r.ok for r in rounds[0]), output
+    assert "check FAILED" in output
+    assert "node-0.dc1 -> node-0.dc2 via dc1/gw-1" in output
+    assert "1 of 2 paths work through the gateways; 1 FAIL, towards node-0.dc2" in output
+    members = report.members_table(federation.servers, rounds[1])
+    assert re.search(r"node-0\.dc2\s+\S+\s+failed\s+server\s+dc2\s+0/1", members), members
+    assert re.search(r"node-0\.dc1\s+\S+\s+alive", members), members
+    assert all(not child.running for child in federation.children)
+
+
+def test_a_gateway_that_lost_its_port_says_so_as_the_demo_reads_it(tmp_path: Path) -> None:
+    taken = OSError(errno.EADDRINUSE, "Address already in use")
+    line = "meshgw: error: " + bind_error("--listen", parse_address("127.0.1.1:8443"), taken)
+    spec = GatewaySpec("dc1", 0, "127.0.1.1", 8443, 19100, tmp_path / "c", tmp_path / "l")
+    assert GatewayStartError(spec, "exited with status 2", [line]).address_in_use
+    other = "meshgw: error: --dc 'a.b': not a datacenter name"
+    assert not GatewayStartError(spec, "exited with status 2", [other]).address_in_use
+
+
+class StandInGateway(GatewayChild):
+    """Says what `meshgw run` says when its port is taken, or that it listens, then waits."""
+
+    def command(self) -> list[str]:
+        if self.spec.port == TAKEN_PORT:
+            line = "meshgw: error: " + bind_error(
+                "--listen", parse_address(self.spec.listen), OSError(errno.EADDRINUSE, "in use")
+            )
+            return [sys.executable, "-c", f"import sys; print({line!r}, file=sys.stderr); exit(2)"]
+        line = f"info meshgw meshgw listening listen={self.spec.listen} admin={self.spec.admin}"
+        script = f"import sys, time; print({line!r}, file=sys.stderr, flush=True); time.sleep(60)"
+        return [sys.executable, "-c", script]
+
+
+TAKEN_PORT = 8443
+
+
+async def test_gateways_start_again_when_a_port_was_taken(tmp_path: Path) -> None:
+    """Somebody binds a gateway's port between the demo's look and the gateway's bind: the
+    gateway exits saying so, and the set starts again on ports the kernel picks."""
+    attempts: list[bool] = []
+    said: list[str] = []
+
+    def build(well_known_ports: bool) -> list[GatewayChild]:
+        attempts.append(well_known_ports)
+        port = TAKEN_PORT if well_known_ports else 9443
+        log = tmp_path / f"gw-{len(attempts)}.log"
+        spec = GatewaySpec("dc1", 0, "127.0.0.1", port, 19100, tmp_path / "gw.toml", log)
+        return [StandInGateway(spec)]
+
+    children = await start_gateways(build, said.append)
+    try:
+        assert attempts == [True, False]
+        assert children[0].running
+        assert said == [
+            "gateways: a port was taken meanwhile; starting them again on other ports",
+            "gateways: 1 `meshgw run` processes, all listening",
+        ]
+    finally:
+        await children[0].stop()
+    assert "address already in use" in (tmp_path / "gw-1.log").read_text()
+    assert not children[0].running
+
+
+# --- peering in this process ---------------------------------------------------------------------
+
+
+async def test_peering_paths_work_and_the_l7_export_is_refused(tmp_path: Path) -> None:
+    demo = PeeringDemo(Shape(datacenters=2, servers_per_dc=1, gateways_per_dc=1), tmp_path)
+    try:
+        await demo.start(lambda _: None)
+        paths = await peering_round(demo)
+        by_kind = {p.kind: p for p in paths}
+        assert len(paths) == 4 and set(by_kind) == {"peering", "service", "l7"}
+        assert all(p.ok for p in paths), [(p.kind, p.detail) for p in paths]
+        dials = [p for p in paths if p.kind == "peering"]
+        assert {(p.local_gateway, p.remote_gateway) for p in dials} == {
+            ("dc1/gw-0", "dc2/gw-0"),
+            ("dc2/gw-0", "dc1/gw-0"),
+        }
+        assert {p.dialed.answered for p in dials} == {"node-0"}
+        assert {p.dialed.alpn for p in dials} == {"h2"}
+        service = by_kind["service"]
+        assert (service.local_gateway, service.remote_gateway) == ("dc2/gw-0", "dc1/gw-0")
+        assert service.dialed.answered == "db-0"
+        assert demo.exporter.instances["db"].accepted == 1
+        # The L7 export: refused by the exporter's gateway, counted, never connected onwards.
+        assert not by_kind["l7"].dialed.ok
+        assert by_kind["l7"].remote_gateway == "dc1/gw-0"
+        assert demo.exporter.instances["api"].accepted == 0
+        assert await peered_l7(demo) == 1
+        # The importer's agent lists the imports at the exporter's gateway, with their SNI.
+        importer = demo.importer.agent
+        assert importer is not None
+        imported = importer.peerings.imported("cluster-01", "db")
+        assert [e["Service"]["Connect"]["PeerMeta"]["SNI"] for e in imported] == [
+            [demo.service_sni("db")]
+        ]
+        wan = imported[0]["Service"]["TaggedAddresses"]["wan"]
+        assert f"{wan['Address']}:{wan['Port']}" == demo.exporter.gateways[0].spec.listen
+        for child in demo.children:
+            assert child.last_routes is not None
+            sources = {e["source"] for r in child.last_routes["routes"] for e in r["endpoints"]}
+            assert sources == {"consul"}
+    finally:
+        await demo.close()
+    assert all(not child.running for child in demo.children)
+
+
+# --- the whole demo ----------------------------------------------------------------------------
 
 
 def gone(pid: int) -> bool:
@@ -351,6 +693,12 @@ def test_demo_check_passes_and_every_member_is_alive() -> None:
     assert set(members.values()) == {"alive"}, output
     assert "check passed" in output
     assert "54/54 paths" in output
+    # The WAN members lead each round, then the verdict, then the pairs.
+    first = output.index("Round 1")
+    assert first < output.index("WAN members", first) < output.index("54 of 54 paths work")
+    assert output.index("54 of 54 paths work") < output.index("Paths by datacenter pair")
+    pairs = re.findall(r"^\s+dc\d\s+dc\d\s+9/9\s", output, re.M)
+    assert len(pairs) == 12, output  # 6 datacenter pairs, each round
     pids = gateway_pids(output)
     assert len(set(pids)) == 6, output
     assert all(gone(pid) for pid in pids), "a gateway outlived the demo"
@@ -377,6 +725,13 @@ def test_demo_runs_until_sigterm_then_stops_every_gateway(tmp_path: Path) -> Non
         assert "-alpn consul/rpc-multi" in output
         pids = gateway_pids(output)
         assert len(pids) == 2 and not any(gone(pid) for pid in pids), output
+        # The doctor command it prints succeeds while the demo runs.
+        doctor = next(line for line in output.splitlines() if " doctor --consul " in line)
+        checked = subprocess.run(
+            shlex.split(doctor), capture_output=True, text=True, timeout=WAIT * 3, env=demo_env()
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert " 0 failed" in checked.stdout
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=WAIT * 2)
     finally:
@@ -387,3 +742,32 @@ def test_demo_runs_until_sigterm_then_stops_every_gateway(tmp_path: Path) -> Non
     assert all(gone(pid) for pid in pids)
     assert "meshgw listening" in (folder / "logs" / "dc1-gw-0.log").read_text()
     assert (folder / "gateways" / "dc2-gw-0.toml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(DEMO_TIMEOUT + 10)
+def test_peering_demo_check_passes() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshgw", "demo", "--peering", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT,
+        cwd=REPO,
+        env=demo_env(),
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "8 of 8 connections went as they should" in output, output
+    assert len(re.findall(r"^\s+peering dial\s.*ok: answered by", output, re.M)) == 4, output
+    assert len(re.findall(r"^\s+tcp service\s.*ok: answered by cluster-01/db-0", output, re.M)) == 2
+    assert len(re.findall(r"^\s+http export\s.*ok: refused", output, re.M)) == 2, output
+    assert re.search(r"^\s+dc1/gw-\d.*\d peered_l7$", output, re.M), output
+    pids = gateway_pids(output)
+    assert len(set(pids)) == 4, output
+    assert all(gone(pid) for pid in pids), "a gateway outlived the demo"
+
+
+def test_peering_refuses_dcs() -> None:
+    result = CliRunner().invoke(demo_command, ["--peering", "--dcs", "3"])
+    assert result.exit_code == 2
+    assert "--peering runs two clusters" in result.output

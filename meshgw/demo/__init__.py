@@ -54,29 +54,43 @@ MAX_GATEWAYS_PER_DC = 9
     "--check",
     is_flag=True,
     help="Verify every path, stop one gateway per datacenter, verify again, and exit: 0 only "
-    "if every path worked.",
+    "if every path worked (with --peering: verify every connection once).",
 )
+@click.option(
+    "--peering",
+    is_flag=True,
+    help="Instead: two clusters peered through meshgw gateways (peering dials both ways, an "
+    "imported TCP service, an HTTP export refused).",
+)
+@click.pass_context
 def demo_command(
+    context: click.Context,
     datacenters: int,
     servers_per_dc: int,
     gateways_per_dc: int,
     directory: Path | None,
     check: bool,
+    peering: bool,
 ) -> None:
     """Run a Consul WAN federation on loopback through meshgw gateways.
 
     Each datacenter has simulated Consul servers (mTLS, ALPN rpc-multi and WAN gossip packet and
-    stream) and real gateway processes. Every server dials every server of the other
-    datacenters through a gateway of its own, as Consul does; the demo prints the WAN members,
-    the route of each path and each gateway's counters, then runs until Ctrl-C.
+    stream), a simulated Consul agent API, and real gateway processes that register with their
+    agent and learn the servers and the other datacenters' gateways from it. Every server dials
+    every server of the other datacenters through a gateway of its own, as Consul does; the demo
+    prints the WAN members, the paths by datacenter pair and each gateway's counters, then
+    commands to try by hand (meshgw doctor among them), and runs until Ctrl-C.
     """
     from meshgw.demo.federation import Shape
     from meshgw.demo.runner import DemoOptions, run
 
-    if check and gateways_per_dc < 2:
+    given = context.get_parameter_source("datacenters") is not click.core.ParameterSource.DEFAULT
+    if peering and given:
+        raise click.UsageError("--peering runs two clusters of one datacenter each: drop --dcs")
+    if check and gateways_per_dc < 2 and not peering:
         raise click.UsageError(
             "--check stops one gateway per datacenter to show failover: "
             "use --gateways-per-dc 2 or more"
         )
-    shape = Shape(datacenters, servers_per_dc, gateways_per_dc)
-    sys.exit(run(DemoOptions(shape, directory, check)))
+    shape = Shape(2 if peering else datacenters, servers_per_dc, gateways_per_dc)
+    sys.exit(run(DemoOptions(shape, directory, check, peering)))

@@ -17,22 +17,27 @@ import re
 import signal
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshgw.demo.layout import PRIMARY_DC, GatewaySpec
+from meshgw.demo.layout import GatewaySpec
+from meshgw.demo.snapshot import settings_from_topology
+from meshgw.topology import Source
 
 LISTENING = re.compile(r"meshgw listening listen=(\S+) admin=(\S+)")
+TABLE_INSTALLED = re.compile(r"\broute table installed\b")
 ACCESS = re.compile(r"\bmeshgw\.access connection client=(\S+)")
 UPSTREAM = re.compile(r" upstream=(\S+)")
 STDERR_LIMIT = 1 << 20  # longest stderr line read whole
 KEEP_ACCESS_LINES = 10_000  # client → upstream entries kept for lookups
-DRAIN_TIMEOUT = 5.0  # what the demo gateways are configured with; stops wait a little longer
+DRAIN_DELAY = 1.0  # what the demo gateways are configured with
+DRAIN_TIMEOUT = 5.0  # stops wait a little longer than both
 _PR_SET_PDEATHSIG = 1
+CONSUL_SOURCE = Source.CONSUL.value  # /v1/routes names where each endpoint was learned
 
 
 def _toml(value: object) -> str:
@@ -46,29 +51,53 @@ def _toml(value: object) -> str:
     return json.dumps(str(value))
 
 
-def write_config(
-    spec: GatewaySpec, servers: list[str], gateways: list[str], access_log: bool = True
-) -> Path:
+def write_config(spec: GatewaySpec, settings: Mapping[str, object]) -> Path:
     """The gateway's settings as a TOML file; keys are Settings field names."""
+    spec.config.parent.mkdir(parents=True, exist_ok=True)
+    title = f"meshgw demo: gateway {spec.index} of {spec.dc}"
+    spec.config.write_text(toml_document(title, settings))
+    return spec.config
+
+
+def toml_document(title: str, settings: Mapping[str, object]) -> str:
+    lines = [f"# {title}"] + [f"{key} = {_toml(value)}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def agent_settings(
+    spec: GatewaySpec,
+    consul: str,
+    *,
+    expose_servers: bool,
+    primary: tuple[str, list[str]] | None = None,
+    access_log: bool = True,
+) -> dict[str, object]:
+    """What a demo gateway runs with: it asks its datacenter's agent for the datacenter, the
+    servers and the remote gateways, and registers itself there (with its LAN and WAN addresses,
+    both its listening address on loopback). A secondary's gateways also know the primary's
+    gateways to start from, as Consul's primary_gateways bootstrap wants."""
     settings: dict[str, object] = {
-        "dc": spec.dc,
-        "primary_dc": PRIMARY_DC,
+        "consul": consul,
+        "register": True,
+        "proxy_id": spec.service_id,
+        "expose_servers": expose_servers,
         "listen": spec.listen,
+        "address": spec.listen,
+        "wan_address": spec.listen,
         "admin": spec.admin,
-        "expose_servers": True,
-        "server": servers,
-        "gateway": gateways,
+    }
+    if primary is not None:
+        settings["primary_dc"], settings["primary_gateway"] = primary
+    settings |= {
         "connect_timeout": "2s",
+        # The agents carry a deregistration to every gateway in milliseconds on loopback.
+        "drain_delay": f"{DRAIN_DELAY:g}s",
         "drain_timeout": f"{DRAIN_TIMEOUT:g}s",
         "access_log": access_log,
         "log_format": "text",
-        "workers": 1,  # six gateways on a laptop: one process each is plenty
+        "workers": 1,  # a few gateways on a laptop: one process each is plenty
     }
-    lines = [f"# meshgw demo: gateway {spec.index} of {spec.dc}"]
-    lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
-    spec.config.parent.mkdir(parents=True, exist_ok=True)
-    spec.config.write_text("\n".join(lines) + "\n")
-    return spec.config
+    return settings
 
 
 def _find_prctl() -> Callable[..., int] | None:
@@ -104,7 +133,8 @@ class GatewayStartError(Exception):
 
     @property
     def address_in_use(self) -> bool:
-        return any("Address already in use" in line for line in self.output)
+        # meshgw says "address already in use" (bind_error); Python's own text capitalises it.
+        return any("address already in use" in line.lower() for line in self.output)
 
 
 @dataclass(slots=True)
@@ -118,6 +148,9 @@ class GatewayChild:
     _upstreams: OrderedDict[str, str] = field(default_factory=OrderedDict)
     _waiters: dict[str, asyncio.Future[str]] = field(default_factory=dict)
     _listening: asyncio.Future[None] | None = None
+    # Set (and replaced) each time the gateway logs a new route table, and when it exits.
+    _table_event: asyncio.Event = field(default_factory=asyncio.Event)
+    last_routes: dict[str, Any] | None = None  # the last /v1/routes read by wait_routes
     _reader: asyncio.Task[None] | None = None
     _log: IO[str] | None = None
 
@@ -139,6 +172,7 @@ class GatewayChild:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._listening = loop.create_future()
+        self._table_event = asyncio.Event()
         self.spec.log.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.spec.log, "a", buffering=1)  # noqa: SIM115 - closed by _read_stderr
         self.proc = await asyncio.create_subprocess_exec(
@@ -182,6 +216,7 @@ class GatewayChild:
             self._log.close()
             code = await self.proc.wait()
             self.exit_code = code
+            self._table_changed()
             if self._listening is not None and not self._listening.done():
                 self._listening.set_exception(
                     GatewayStartError(
@@ -205,8 +240,32 @@ class GatewayChild:
             while len(self._upstreams) > KEEP_ACCESS_LINES:
                 self._upstreams.popitem(last=False)
             return
-        if LISTENING.search(line) and self._listening is not None and not self._listening.done():
+        if TABLE_INSTALLED.search(line):
+            self._table_changed()
+        elif LISTENING.search(line) and self._listening is not None and not self._listening.done():
             self._listening.set_result(None)
+
+    def _table_changed(self) -> None:
+        event, self._table_event = self._table_event, asyncio.Event()
+        event.set()
+
+    async def wait_routes(
+        self, ready: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """Its route table (/v1/routes) once `ready` says it is complete: read now, then again
+        each time the gateway logs a new table. TimeoutError when none was ready in time
+        (`last_routes` is the last one read); GatewayStartError when the gateway exits."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = self._table_event  # taken first: a table installed meanwhile wakes us
+                if not self.running:
+                    raise GatewayStartError(
+                        self.spec, f"{self.name} exited with status {self.exit_code}", self.output
+                    )
+                self.last_routes = json.loads(await fetch_admin(self.spec.admin, "/v1/routes"))
+                if ready(self.last_routes):
+                    return self.last_routes
+                await event.wait()
 
     async def upstream_of(self, client: str, timeout: float) -> str | None:
         """The upstream this gateway chose for the connection from `client` (ip:port), as its
@@ -222,7 +281,15 @@ class GatewayChild:
         finally:
             self._waiters.pop(client, None)
 
-    async def stop(self, timeout: float = DRAIN_TIMEOUT + 5) -> int | None:
+    async def discovered_settings(self) -> Path:
+        """What it learned from its agent, written as static settings for `meshgw routes`."""
+        topology = json.loads(await fetch_admin(self.spec.admin, "/v1/topology"))
+        path = self.spec.config.with_name(self.spec.config.stem + ".discovered.toml")
+        title = f"what {self.name} learned from its agent, as settings for meshgw routes"
+        path.write_text(toml_document(title, settings_from_topology(topology)))
+        return path
+
+    async def stop(self, timeout: float = DRAIN_DELAY + DRAIN_TIMEOUT + 5) -> int | None:
         """SIGTERM (the gateway drains), wait, SIGKILL if it outlives the timeout."""
         proc = self.proc
         if proc is None:
@@ -251,15 +318,22 @@ class GatewayChild:
 class Counters:
     """What the demo shows of one gateway's /metrics."""
 
-    to_local: int = 0  # connections routed to a local server
-    to_remote: int = 0  # connections routed to another datacenter's gateways
+    to_local: int = 0  # connections routed within the gateway's datacenter
+    to_remote: int = 0  # connections routed to another datacenter's or cluster's gateways
     aborted: int = 0  # routed connections that did not end cleanly (resets, drain timeouts)
     bytes: int = 0
     failovers: int = 0  # upstream connection attempts that failed and moved on
     rejections: tuple[tuple[str, int], ...] = ()
 
 
-LOCAL_KINDS = ("local_server", "any_local_server")
+# Route kinds whose upstream is in the gateway's own datacenter (the rest cross to another one).
+LOCAL_KINDS = (
+    "local_server",
+    "any_local_server",
+    "local_service",
+    "local_peering_server",
+    "peered_export",
+)
 CLEAN_OUTCOMES = ("closed",)
 
 
@@ -291,14 +365,34 @@ def parse_counters(text: str) -> Counters:
     )
 
 
+async def read_counters(children: Iterable[GatewayChild]) -> dict[str, Counters | None]:
+    """Each running gateway's counters, from its /metrics (None where they cannot be read)."""
+
+    async def read(child: GatewayChild) -> Counters | None:
+        if not child.running:
+            return None
+        try:
+            return parse_counters(await fetch_metrics(child.spec.admin))
+        except (OSError, TimeoutError, ValueError):
+            return None
+
+    children = list(children)
+    values = await asyncio.gather(*(read(child) for child in children))
+    return {child.name: value for child, value in zip(children, values, strict=True)}
+
+
 async def fetch_metrics(admin: str, timeout: float = 5.0) -> str:
-    """GET http://<admin>/metrics with nothing but asyncio (one tiny request)."""
+    return await fetch_admin(admin, "/metrics", timeout)
+
+
+async def fetch_admin(admin: str, path: str, timeout: float = 5.0) -> str:
+    """GET http://<admin><path> with nothing but asyncio (one tiny request)."""
     host, _, port = admin.rpartition(":")
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
             writer.write(
-                f"GET /metrics HTTP/1.0\r\nHost: {admin}\r\nConnection: close\r\n\r\n".encode()
+                f"GET {path} HTTP/1.0\r\nHost: {admin}\r\nConnection: close\r\n\r\n".encode()
             )
             await writer.drain()
             response = await reader.read()
@@ -309,5 +403,32 @@ async def fetch_metrics(admin: str, timeout: float = 5.0) -> str:
     head, _, body = response.partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].decode(errors="replace")
     if status.split()[1:2] != ["200"]:
-        raise OSError(f"GET http://{admin}/metrics answered {status!r}")
+        raise OSError(f"GET http://{admin}{path} answered {status!r}")
     return body.decode()
+
+
+# --- what a route table holds ------------------------------------------------------------------
+
+
+def missing_routes(
+    document: Mapping[str, Any], expected: Mapping[str, set[str]], refused: Iterable[str] = ()
+) -> list[str]:
+    """What a /v1/routes document lacks of `expected` (match → the addresses of its endpoints,
+    every one healthy and learned from Consul) and of the names it should refuse; [] when it
+    holds it all."""
+    routes = {r.get("match"): r for r in document.get("routes", ()) if isinstance(r, Mapping)}
+    missing = [f"{name} not refused" for name in refused if name not in document.get("refused", {})]
+    for match, addresses in expected.items():
+        route = routes.get(match)
+        if route is None:
+            if addresses:
+                missing.append(f"no route for {match}")
+            continue
+        endpoints = route.get("endpoints", [])
+        got = {e.get("address") for e in endpoints}
+        if got != addresses:
+            shown = ", ".join(sorted(map(str, got))) or "nothing"
+            missing.append(f"{match} -> {shown}, not {', '.join(sorted(addresses)) or 'nothing'}")
+        elif not all(e.get("healthy") and e.get("source") == CONSUL_SOURCE for e in endpoints):
+            missing.append(f"{match}: an endpoint is unhealthy or not from Consul")
+    return missing

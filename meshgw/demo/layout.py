@@ -2,9 +2,9 @@
 
 Each datacenter gets its own 127.0.<k>.0/24 (Linux routes all of 127/8 to loopback), so that the
 tables read like a real federation: dc2's gateways are 127.0.2.1, .2, ..., its servers
-127.0.2.10, .11, ... Servers and gateways take Consul's well-known ports (8300, 8443, admin 19100)
-when they are free; otherwise the kernel picks. Where only 127.0.0.1 exists (other systems), every
-port is picked by the kernel.
+127.0.2.10, .11, ..., its agent 127.0.2.100. Servers, agents and gateways take Consul's
+well-known ports (8300, 8500, 8443, admin 19100) when they are free; otherwise the kernel
+picks. Where only 127.0.0.1 exists (other systems), every port is picked by the kernel.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from meshgw.wire.names import server_sni
 DOMAIN = "consul"
 PRIMARY_DC = "dc1"
 SERVER_PORT = 8300  # Consul's server RPC port, the one gateways route server names to
+GRPC_TLS_PORT = 8503  # Consul's gRPC TLS port, the one peers dial
+AGENT_PORT = 8500  # Consul's HTTP API
 GATEWAY_PORT = 8443
 ADMIN_PORT = 19100
 _GATEWAY_OFFSET = 1  # gw-i at 127.0.<k>.(1 + i)
 _SERVER_OFFSET = 10  # node-i at 127.0.<k>.(10 + i)
+_AGENT_OFFSET = 100  # the datacenter's agent at 127.0.<k>.100
+_SERVICE_OFFSET = 200  # service instances (the peering demo's) at 127.0.<k>.(200 + i)
 MAX_GATEWAYS_PER_DC = _SERVER_OFFSET - _GATEWAY_OFFSET
 MAX_SERVERS_PER_DC = 50
 MAX_DATACENTERS = 50
@@ -54,6 +58,14 @@ def gateway_host(dc_index: int, gateway_index: int, spread: bool) -> str:
 
 def server_host(dc_index: int, server_index: int, spread: bool) -> str:
     return host_of(dc_index, _SERVER_OFFSET + server_index, spread)
+
+
+def agent_host(dc_index: int, spread: bool) -> str:
+    return host_of(dc_index, _AGENT_OFFSET, spread)
+
+
+def service_host(dc_index: int, instance_index: int, spread: bool) -> str:
+    return host_of(dc_index, _SERVICE_OFFSET + instance_index, spread)
 
 
 def free_port(host: str, preferred: int | None) -> int:
@@ -117,6 +129,12 @@ class GatewaySpec:
     @property
     def admin(self) -> str:
         return f"{self.host}:{self.admin_port}"
+
+    @property
+    def service_id(self) -> str:
+        """Its ID in the agent: the gateways of a datacenter share one agent, so each needs its
+        own (`consul connect envoy -proxy-id`)."""
+        return f"mesh-gateway-{self.index}"
 
 
 @dataclass(frozen=True, slots=True)

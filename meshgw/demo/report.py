@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import statistics
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshgw.demo.gateways import Counters, GatewayChild
 from meshgw.demo.layout import PRIMARY_DC
-from meshgw.demo.protocols import ALPN_RPC
+from meshgw.demo.peering_round import PeeringPath
+from meshgw.demo.protocols import ALPN_PROTOCOLS, ALPN_RPC
 from meshgw.demo.servers import PathResult, SimServer
 
 
@@ -63,27 +68,42 @@ def _gateway_set(names: Sequence[str]) -> str:
     return "+".join(names)
 
 
-def paths_table(results: Sequence[PathResult]) -> str:
-    rows = []
-    for r in sorted(results, key=_order):
-        outcome = "ok" if r.ok else "FAILED " + "; ".join(r.errors)
-        remote = _gateway_set(r.remote_gateways)
-        rows.append([r.source, r.target, r.local_gateway, remote, rtt_text(r.rtt), outcome])
-    return table(["FROM", "TO", "LOCAL GATEWAY", "REMOTE GATEWAY", "RTT", "RESULT"], rows)
+def _dc_of(member: str) -> str:
+    return member.partition(".")[2]
 
 
-def routes_summary(results: Sequence[PathResult]) -> str:
-    """Paths per local gateway and destination datacenter, and the remote gateways that carried
-    them: the short form of the paths table."""
+def verdict(results: Sequence[PathResult]) -> str:
+    """One line: how many paths worked, and where the others were headed."""
+    ok = sum(r.ok for r in results)
+    line = f"{ok} of {len(results)} paths work through the gateways"
+    if ok < len(results):
+        targets = sorted({r.target for r in results if not r.ok}, key=_member_key)
+        shown = ", ".join(targets[:6]) + (", ..." if len(targets) > 6 else "")
+        line += f"; {len(results) - ok} FAIL, towards {shown}"
+    return line
+
+
+def pairs_table(results: Sequence[PathResult]) -> str:
+    """Paths per source and destination datacenter: how many worked, through which gateways,
+    the connections of each ALPN protocol that worked, and the median gossip round trip."""
     groups: dict[tuple[str, str], list[PathResult]] = {}
     for r in results:
-        groups.setdefault((r.local_gateway, r.target_dc), []).append(r)
+        groups.setdefault((_dc_of(r.source), r.target_dc), []).append(r)
     rows = []
-    for (local, dc), paths in sorted(groups.items(), key=lambda item: natural(" ".join(item[0]))):
-        remote = sorted({g for r in paths for g in r.remote_gateways})
+    for (source, target), paths in sorted(groups.items(), key=lambda i: natural(" ".join(i[0]))):
+        local = sorted({r.local_gateway for r in paths if r.local_gateway != "-"}, key=natural)
+        remote = sorted({g for r in paths for g in r.remote_gateways}, key=natural)
+        per_alpn = []
+        for protocol in ALPN_PROTOCOLS:
+            exchanges = [e for r in paths for e in r.exchanges if e.protocol == protocol]
+            per_alpn.append(f"{sum(e.ok for e in exchanges)}/{len(exchanges)}")
+        rtts = [r.rtt for r in paths if r.ok and r.rtt is not None]
         ok = sum(r.ok for r in paths)
-        rows.append([local, dc, f"{ok}/{len(paths)}", _gateway_set(remote)])
-    return table(["LOCAL GATEWAY", "TO DC", "PATHS OK", "REMOTE GATEWAYS"], rows)
+        rtt = rtt_text(statistics.median(rtts) if rtts else None)
+        row = [source, target, f"{ok}/{len(paths)}", _gateway_set(local), _gateway_set(remote)]
+        rows.append([*row, *per_alpn, rtt])
+    headers = ["FROM", "TO", "PATHS OK", "VIA LOCAL", "VIA REMOTE", *ALPN_PROTOCOLS, "RTT"]
+    return table(headers, rows)
 
 
 def members_table(servers: Sequence[SimServer], results: Sequence[PathResult]) -> str:
@@ -109,42 +129,53 @@ def members_table(servers: Sequence[SimServer], results: Sequence[PathResult]) -
     return table(["Node", "Address", "Status", "Type", "DC", "Paths in", "RTT"], rows)
 
 
-def gateways_table(children: Sequence[GatewayChild], counters: dict[str, Counters | None]) -> str:
+def gateway_state(child: GatewayChild) -> str:
+    if child.running:
+        return "running"
+    if child.stopped_on_purpose:
+        return f"stopped ({child.exit_code})"
+    return f"DIED ({child.exit_code})"
+
+
+def gateways_table(
+    children: Sequence[GatewayChild],
+    counters: Mapping[str, Counters | None],
+    in_consul: Mapping[str, str] | None = None,
+) -> str:
+    """Each gateway: where it listens, its process, how its agent lists it (`in_consul`: the
+    status of its registered check, by gateway name; "-" when not registered), its counters."""
     rows = []
     for child in children:
-        if child.running:
-            state = "running"
-        elif child.stopped_on_purpose:
-            state = f"stopped ({child.exit_code})"
-        else:
-            state = f"DIED ({child.exit_code})"
         c = counters.get(child.name)
         if c is None:
             numbers = ["-"] * 6
         else:
-            rejected = sum(n for _, n in c.rejections)
+            rejected = ", ".join(f"{n} {reason}" for reason, n in c.rejections if n) or "0"
             numbers = [
                 str(c.to_local),
                 str(c.to_remote),
                 str(c.aborted),
                 str(c.failovers),
-                str(rejected),
                 bytes_text(c.bytes),
+                rejected,
             ]
         spec = child.spec
-        rows.append([child.name, spec.listen, spec.admin, str(child.pid), state, *numbers])
+        registered = (in_consul or {}).get(child.name, "-")
+        row = [child.name, spec.listen, spec.admin, str(child.pid), gateway_state(child)]
+        rows.append([*row, registered, *numbers])
     headers = [
         "GATEWAY",
         "LISTEN",
         "ADMIN",
         "PID",
         "STATE",
+        "IN CONSUL",
         "TO LOCAL",
         "TO REMOTE",
         "ABORTED",
         "FAILOVERS",
-        "REJECTED",
         "BYTES",
+        "REJECTED",
     ]
     return table(headers, rows)
 
@@ -160,47 +191,74 @@ def failed_paths(results: Sequence[PathResult]) -> list[str]:
 COUNTERS_GREP = "^meshgw_(connections|bytes|rejections)_total"
 
 
-def try_by_hand(
-    ca: Path,
-    client_cert: tuple[Path, Path],
-    gateway: GatewayChild,
-    target_sni: str,
-    local_sni: str,
-) -> str:
-    """Commands a person can paste while the demo runs."""
-    spec = gateway.spec
-    cert, key = client_cert
-    openssl = [
-        "openssl",
-        "s_client",
-        "-connect",
-        spec.listen,
-        "-servername",
-        target_sni,
-        "-verify_hostname",
-        target_sni,
-        "-CAfile",
-        str(ca),
-        "-cert",
+def meshgw_command() -> list[str]:
+    """How to run this very meshgw from a shell: `meshgw` when PATH finds this one, else the
+    full path of the one beside this Python, else `python -m meshgw`."""
+    beside = Path(sys.executable).with_name("meshgw")
+    if not beside.exists():
+        return [sys.executable, "-m", "meshgw"]
+    found = shutil.which("meshgw")
+    if found is not None and Path(found).resolve() == beside.resolve():
+        return ["meshgw"]
+    return [str(beside)]
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """What the commands to try by hand name."""
+
+    agent: str  # the local datacenter's agent URL
+    ca: Path  # the servers' CA
+    client_cert: tuple[Path, Path]  # a local server's certificate and key
+    gateway: GatewayChild
+    discovered: Path  # the gateway's discovered settings, for meshgw routes
+    target_sni: str  # a remote server's name
+    local_sni: str  # a local server's name
+
+
+def doctor_command(hints: Hints) -> list[str]:
+    cert, key = hints.client_cert
+    return [
+        *meshgw_command(),
+        "doctor",
+        "--consul",
+        hints.agent,
+        "--server-ca-file",
+        str(hints.ca),
+        "--cert",
         str(cert),
-        "-key",
+        "--key",
         str(key),
-        "-alpn",
-        ALPN_RPC,
-        "-quiet",
     ]
-    routes = ["meshgw", "routes", "--config", str(spec.config), "--sni", target_sni]
-    routes += ["--sni", local_sni]
+
+
+def try_by_hand(hints: Hints) -> str:
+    """Commands a person can paste while the demo runs."""
+    spec = hints.gateway.spec
+    cert, key = hints.client_cert
+    target = hints.target_sni
+    openssl = ["openssl", "s_client", "-connect", spec.listen, "-servername", target]
+    openssl += ["-verify_hostname", target, "-CAfile", str(hints.ca), "-cert", str(cert)]
+    openssl += ["-key", str(key), "-alpn", ALPN_RPC, "-quiet"]
+    routes = [*meshgw_command(), "routes", "--config", str(hints.discovered)]
+    routes += ["--sni", target, "--sni", hints.local_sni]
     lines = [
-        f"# An RPC through {spec.name} ({spec.dc}'s gateway) to {target_sni}; then type",
+        f"# The federation as {spec.dc}'s agent shows it (the WAN federation checklist), and a",
+        f"# TLS handshake with every remote server through {spec.dc}'s gateways:",
+        shlex.join(doctor_command(hints)),
+        f"# What {spec.name} routes, and what it learned from its agent:",
+        f"curl -s http://{spec.admin}/v1/routes",
+        f"curl -s http://{spec.admin}/v1/topology",
+        f"# The agent's side: {spec.dc}'s gateways as registered, and the federation states:",
+        f"curl -s {hints.agent}/v1/health/service/mesh-gateway",
+        f"curl -s {hints.agent}/v1/internal/federation-states",
+        f"# How a name is routed, from what {spec.name} learned (written as static settings):",
+        shlex.join(routes),
+        f"# An RPC through {spec.name} to {target}; then type",
         "# Status.Ping, Status.Leader or Catalog.ListDatacenters:",
         shlex.join(openssl),
-        f"# The route table of {spec.name}, and its counters:",
-        f"curl -s http://{spec.admin}/v1/routes",
+        f"# The counters of {spec.name}, and its access log:",
         f"curl -s http://{spec.admin}/metrics | grep -E '{COUNTERS_GREP}'",
-        "# How a name is routed, from the same config file:",
-        shlex.join(routes),
-        "# Its access log:",
         f"tail -f {spec.log}",
     ]
     return "\n".join("  " + line for line in lines)
@@ -211,3 +269,61 @@ def banner(datacenters: int, servers: int, gateways: int, root: Path) -> str:
         f"meshgw demo: {datacenters} datacenters x {servers} servers x {gateways} gateways "
         f"on loopback, primary {PRIMARY_DC}\n  files: {root}"
     )
+
+
+# --- the peering story ---------------------------------------------------------------------------
+
+
+def peerings_table(peerings: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Each cluster's peerings, as `consul peering list` and `/v1/peering/<name>` show them."""
+    rows = []
+    for cluster, peering in peerings:
+        status = peering.get("StreamStatus") or {}
+        rows.append(
+            [
+                cluster,
+                str(peering.get("Name")),
+                str(peering.get("State")),
+                str(peering.get("PeerServerName") or "-"),
+                ",".join(peering.get("PeerServerAddresses") or []) or "-",
+                ", ".join(status.get("ImportedServices") or []) or "-",
+                ", ".join(status.get("ExportedServices") or []) or "-",
+            ]
+        )
+    headers = ["CLUSTER", "PEERING", "STATE", "PEER SERVER NAME", "PEER SERVER ADDRESSES"]
+    return table([*headers, "IMPORTED", "EXPORTED"], rows)
+
+
+PATH_KINDS = {
+    "peering": "peering dial",
+    "service": "tcp service",
+    "l7": "http export",
+}
+
+
+def peering_verdict(paths: Sequence[PeeringPath]) -> str:
+    ok = sum(p.ok for p in paths)
+    counts = {kind: sum(p.kind == kind for p in paths) for kind in PATH_KINDS}
+    line = (
+        f"{ok} of {len(paths)} connections went as they should through the gateways: "
+        f"{counts['peering']} peering dials (both ways), {counts['service']} to the imported "
+        f"TCP service, {counts['l7']} to the HTTP export, refused"
+    )
+    return line if ok == len(paths) else line + f"; {len(paths) - ok} did NOT"
+
+
+def peering_paths_table(paths: Sequence[PeeringPath], names: Mapping[str, str]) -> str:
+    """One line per connection: `names` says what each dialed name is (SNIs are long)."""
+    rows = [
+        [
+            PATH_KINDS.get(p.kind, p.kind),
+            p.source,
+            p.local_gateway,
+            p.remote_gateway,
+            names.get(p.target, p.target),
+            ("ok: " if p.ok else "WRONG: ") + p.detail,
+        ]
+        for p in paths
+    ]
+    headers = ["CONNECTION", "FROM", "LOCAL GATEWAY", "PEER'S GATEWAY", "TO", "RESULT"]
+    return table(headers, rows)
