@@ -57,6 +57,8 @@ ENV_INTERNAL_PREFIX = "MESHGW_X_"
 CONFIG_ENV = "MESHGW_CONFIG"
 CONSUL_ADDR_ENV = "CONSUL_HTTP_ADDR"
 DEFAULT_GATEWAY_PORT = 8443  # Consul's default for a mesh gateway (`consul connect envoy`)
+# The peer label of a --peer-server or --peer-import given without its peering's name.
+UNNAMED_PEER = "unnamed"
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Consul's, when neither settings nor Proxy.Config say
 # A ClientHello with post-quantum key shares takes about 1.8 KB; a cap below this refuses
 # real clients. Above the maximum, a hello is an attack, not a client.
@@ -242,15 +244,29 @@ def parse_services(value: Any) -> dict[str, list[Address]]:
     return services
 
 
+def _peer_and_name(key: str, kind: type, grammar: str) -> str:
+    """[PEER/]NAME, checked: the peering's name (as `consul peering` calls it) is optional."""
+    peer, _, name = key.lower().rpartition("/")
+    if peer and not is_valid_label(peer):
+        raise ValueError(f"{peer!r} is not a peering name (one DNS label)")
+    if not isinstance(parse_sni(name), kind):
+        raise ValueError(f"{name!r} is not {grammar}")
+    return f"{peer}/{name}" if peer else name
+
+
+def split_peer(key: str) -> tuple[str, str]:
+    """The peering's name (UNNAMED_PEER when not given) and the SNI, of a [PEER/]NAME key."""
+    peer, _, name = key.rpartition("/")
+    return peer or UNNAMED_PEER, name
+
+
 def parse_peer_servers(value: Any) -> dict[str, list[Address]]:
-    """PEER-SERVER-NAME=HOST:PORT: where a peering's PeerServerName is dialled."""
+    """[PEER/]PEER-SERVER-NAME=HOST:PORT: where a peering's PeerServerName is dialled."""
     found: dict[str, list[Address]] = {}
-    for name, address in _pairs(value):
-        if not isinstance(parse_sni(name), PeeringServerName):
-            raise ValueError(
-                f"{name!r} is not a peering's server name (server.<dc>.peering.<trust-domain>)"
-            )
-        found.setdefault(name.lower(), []).append(parse_address(address))
+    for key, address in _pairs(value):
+        grammar = "a peering's server name (server.<dc>.peering.<trust-domain>)"
+        name = _peer_and_name(key, PeeringServerName, grammar)
+        found.setdefault(name, []).append(parse_address(address))
     return found
 
 
@@ -270,14 +286,13 @@ def parse_peer_exports(value: Any) -> dict[str, list[str]]:
 
 
 def parse_peer_imports(value: Any) -> dict[str, list[Address]]:
-    """SNI=HOST:PORT: an imported service's name (its PeerMeta.SNI) and the exporter's gateway."""
+    """[PEER/]SNI=HOST:PORT: an imported service's name (its PeerMeta.SNI) and the exporting
+    peer's gateway."""
     found: dict[str, list[Address]] = {}
-    for name, address in _pairs(value):
-        if not isinstance(parse_sni(name), PeeredServiceName):
-            raise ValueError(
-                f"{name!r} is not a peered service name (<svc>.<ns>.<ap>.<peer>.external.<td>)"
-            )
-        found.setdefault(name.lower(), []).append(parse_address(address))
+    for key, address in _pairs(value):
+        grammar = "a peered service name (<svc>.<ns>.<ap>.<peer>.external.<td>)"
+        name = _peer_and_name(key, PeeredServiceName, grammar)
+        found.setdefault(name, []).append(parse_address(address))
     return found
 
 
@@ -392,8 +407,8 @@ class _Routing:
     peer_server: dict[str, list[Address]] = setting(
         {},
         parse_peer_servers,
-        "Where a peering's server name is dialled.",
-        metavar="NAME=HOST:PORT",
+        "Where a peering's server name is dialled; PEER names the peering in metrics and logs.",
+        metavar="[PEER/]NAME=HOST:PORT",
     )
     peer_export: dict[str, list[str]] = setting(
         {},
@@ -404,8 +419,8 @@ class _Routing:
     peer_import: dict[str, list[Address]] = setting(
         {},
         parse_peer_imports,
-        "An imported service's name and the exporting peer's gateway.",
-        metavar="SNI=HOST:PORT",
+        "An imported service's name and the exporting peer's gateway; PEER names the peering.",
+        metavar="[PEER/]SNI=HOST:PORT",
     )
 
 
@@ -729,14 +744,14 @@ class Settings(_ControlPlane, _Faces, _DataPlane, _Routing):
         return Peering(
             local_servers=_endpoints(self.peering_server),
             remote_servers={
-                name: PeerRoute(name.split(".")[1], _endpoints(addresses))
-                for name, addresses in self.peer_server.items()
+                split_peer(key)[1]: PeerRoute(split_peer(key)[0], _endpoints(addresses))
+                for key, addresses in self.peer_server.items()
             },
             exports=exports,
             exports_l7=frozenset(refused),
             imports={
-                name: PeerRoute(name.split(".")[3], _endpoints(addresses))
-                for name, addresses in self.peer_import.items()
+                split_peer(key)[1]: PeerRoute(split_peer(key)[0], _endpoints(addresses))
+                for key, addresses in self.peer_import.items()
             },
         )
 

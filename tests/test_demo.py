@@ -34,11 +34,11 @@ from meshgw.demo.gateways import (
     fetch_admin,
     missing_routes,
     parse_counters,
-    toml_document,
 )
 from meshgw.demo.layout import GatewaySpec, Pki, ServerSpec, make_pki
 from meshgw.demo.peering import PeeringDemo
 from meshgw.demo.peering_round import peered_l7, peering_round
+from meshgw.demo.peering_story import try_by_hand
 from meshgw.demo.protocols import (
     ALPN_PACKET,
     ALPN_RPC,
@@ -59,11 +59,7 @@ from meshgw.demo.protocols import (
 )
 from meshgw.demo.runner import DemoOptions
 from meshgw.demo.servers import SimServer, client_context
-from meshgw.demo.snapshot import settings_from_topology
-from meshgw.routing import RouteTable
-from meshgw.settings import Settings
 from meshgw.simconsul import SimConsul, decode_registration
-from meshgw.topology import merge
 from tests.conftest import REPO, lines_until
 
 DEMO_TIMEOUT = 90.0
@@ -405,44 +401,6 @@ def test_missing_routes_names_what_is_not_there_yet() -> None:
     assert missing_routes(routes_document(refused=("api.x",)), {}, refused=["api.x"]) == []
 
 
-def test_discovered_topology_as_settings_routes_the_same_names(tmp_path: Path) -> None:
-    td = "11111111-2222-4333-8444-555555555555.consul"
-    db = f"db.default.default.cluster-02.external.{td}"
-    topology = {
-        "datacenter": "dc1",
-        "domain": "consul",
-        "trust_domain": td,
-        "servers": {"node-0": "127.0.1.10:8300"},
-        "gateways": {"dc2/default": ["127.0.2.1:8443", "127.0.2.2:8443"]},
-        "peering": {
-            "local_servers": ["127.0.1.10:8503"],
-            "remote_servers": {
-                "server.dc9.peering.x.consul": {"peer": "c9", "endpoints": ["127.0.9.1:8443"]}
-            },
-            "exports": {db: {"peer": "cluster-02", "endpoints": ["127.0.1.200:21000"]}},
-            "exports_l7": [f"api.default.default.cluster-02.external.{td}"],
-            "imports": {},
-        },
-    }
-    settings = settings_from_topology(topology)
-    config = tmp_path / "discovered.toml"
-    config.write_text(toml_document("test", settings))
-    loaded = Settings.load({}, config=str(config), environ={})
-    table = RouteTable.build(
-        merge([loaded.static_topology()], datacenter="dc1", domain="consul", expose_servers=True)
-    )
-    explained = {
-        "node-0.server.dc2.consul": "127.0.2.1:8443",
-        "node-0.server.dc1.consul": "127.0.1.10:8300",
-        f"server.dc1.peering.{td}": "127.0.1.10:8503",
-        "server.dc9.peering.x.consul": "127.0.9.1:8443",
-        db: "127.0.1.200:21000",
-    }
-    for name, address in explained.items():
-        assert address in table.explain(name), table.explain(name)
-    assert ": refused:" in table.explain(f"api.default.default.cluster-02.external.{td}")
-
-
 # --- a federation in this process: the gateways learn it from the agents ----------------------
 
 
@@ -501,7 +459,6 @@ async def test_gateways_register_discover_and_doctor_passes(tmp_path: Path) -> N
             ca=federation.pki.ca,
             client_cert=federation.pki.servers[("dc1", "node-0")],
             gateway=gateway,
-            discovered=await gateway.discovered_settings(),
             target_sni="node-0.server.dc2.consul",
             local_sni="node-0.server.dc1.consul",
         )
@@ -642,6 +599,13 @@ async def test_peering_paths_work_and_the_l7_export_is_refused(tmp_path: Path) -
         assert [e["Service"]["Connect"]["PeerMeta"]["SNI"] for e in imported] == [
             [demo.service_sni("db")]
         ]
+        # The printed `meshgw routes` runs the importer's gateway's discovery and explains
+        # the names as that gateway routes them.
+        routes = next(line for line in try_by_hand(demo) if " routes --config " in line)
+        status, output = await run_command(shlex.split(routes))
+        assert status == 0, output
+        assert f"{demo.service_sni('db')}: peered_import" in output, output
+        assert "cluster-01" in output, output
         wan = imported[0]["Service"]["TaggedAddresses"]["wan"]
         assert f"{wan['Address']}:{wan['Port']}" == demo.exporter.gateways[0].spec.listen
         for child in demo.children:

@@ -153,7 +153,7 @@ def test_a_gateway_that_refuses_peering_names_is_a_warning(estate, gateway_facto
         assert "Consul hands peering traffic to every mesh gateway" in bad[name]["detail"]
         assert bad[name]["fix"]
     assert "peer cluster-09's servers" in bad[PEER_SERVER]["detail"]
-    assert f"--peer-server {PEER_SERVER}=HOST:PORT" in bad[PEER_SERVER]["fix"]
+    assert f"--peer-server cluster-09/{PEER_SERVER}=HOST:PORT" in bad[PEER_SERVER]["fix"]
     assert "--peer-export db=cluster-02" in bad[EXPORTED_TCP]["fix"]
     for row in (good[EXPORTED_L7], bad[EXPORTED_L7]):
         assert row["status"] == "warn" and "(peered_l7)" in row["detail"]

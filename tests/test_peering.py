@@ -207,7 +207,7 @@ def test_every_peering_route_from_static_settings(pki, gateway_factory, backend_
     gw = gateway_factory(
         trust_domain=TD,
         peering_server=[local.address],
-        peer_server=[f"{PEER_SERVER}={peer.address}"],
+        peer_server=[f"cluster-09/{PEER_SERVER}={peer.address}"],
         service=[f"db={db.address}"],
         peer_export=["db=cluster-02", "api=cluster-02/http"],
         peer_import=[f"pay.default.default.dc1.external.{TD2}={pay.address}"],
@@ -219,3 +219,9 @@ def test_every_peering_route_from_static_settings(pki, gateway_factory, backend_
     with connect(gw.port) as client:
         client.sendall(python_hello(f"api.default.default.cluster-02.external.{TD}"))
         assert closed_by_peer(client)
+    # The peering each route belongs to, as given (PEER/), or `unnamed`: never read off the
+    # name, whose labels are the peer's datacenter or this cluster as the exporter calls it.
+    peers = {r["match"]: r["datacenter"] for r in admin_json(gw.admin_port, "/v1/routes")["routes"]}
+    assert peers[PEER_SERVER] == "cluster-09"
+    assert peers[f"pay.default.default.dc1.external.{TD2}"] == "unnamed"
+    assert peers[f"db.default.default.cluster-02.external.{TD}"] == "cluster-02"

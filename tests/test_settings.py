@@ -90,7 +90,7 @@ SAMPLES: dict[str, str | list[str]] = {
     "gateway": ["dc2=10.2.0.1:443"],
     "service": ["web=10.0.1.1:20000"],
     "peering_server": ["10.0.0.1:8503"],
-    "peer_server": [f"server.dc9.peering.{TD}=192.0.2.9:443"],
+    "peer_server": [f"cluster-09/server.dc9.peering.{TD}=192.0.2.9:443"],
     "peer_export": ["web=cluster-02"],
     "peer_import": [f"pay.default.default.cluster-01.external.{TD}=192.0.2.7:443"],
     "service_watch_limit": "64",
@@ -188,6 +188,14 @@ def test_consul_http_addr_alone_turns_discovery_on() -> None:
         ({"pump": "magic"}, "--pump: 'magic' is not one of auto, splice, userspace, sockmap"),
         ({"gateway": ["dc1=10.0.0.1:8443"]}, "dc1 is the local datacenter"),
         ({"hello_timout": "3s"}, "unknown setting 'hello_timout'; did you mean 'hello_timeout'?"),
+        (
+            {"peer_server": ["Bad.Peer/server.dc9.peering.x=10.0.0.1:443"]},
+            "--peer-server: 'bad.peer' is not a peering name (one DNS label)",
+        ),
+        (
+            {"peer_import": ["server.dc9.peering.x=10.0.0.1:443"]},
+            "--peer-import: 'server.dc9.peering.x' is not a peered service name",
+        ),
     ],
 )
 def test_errors_name_the_setting_and_the_fix(flags, message) -> None:

@@ -25,7 +25,6 @@ from typing import IO, Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshgw.demo.layout import GatewaySpec
-from meshgw.demo.snapshot import settings_from_topology
 from meshgw.topology import Source
 
 LISTENING = re.compile(r"meshgw listening listen=(\S+) admin=(\S+)")
@@ -280,14 +279,6 @@ class GatewayChild:
             return None
         finally:
             self._waiters.pop(client, None)
-
-    async def discovered_settings(self) -> Path:
-        """What it learned from its agent, written as static settings for `meshgw routes`."""
-        topology = json.loads(await fetch_admin(self.spec.admin, "/v1/topology"))
-        path = self.spec.config.with_name(self.spec.config.stem + ".discovered.toml")
-        title = f"what {self.name} learned from its agent, as settings for meshgw routes"
-        path.write_text(toml_document(title, settings_from_topology(topology)))
-        return path
 
     async def stop(self, timeout: float = DRAIN_DELAY + DRAIN_TIMEOUT + 5) -> int | None:
         """SIGTERM (the gateway drains), wait, SIGKILL if it outlives the timeout."""

@@ -70,24 +70,25 @@ async def peering_story(demo: PeeringDemo, check: bool, interrupted: asyncio.Eve
             return EXIT_FAILED
         say(f"\ncheck passed in {elapsed:.1f} s: {len(paths)}/{len(paths)} connections went right")
         return EXIT_OK
-    await _show_hints(demo)
+    say("\nTry it by hand (the demo keeps running; Ctrl-C stops every gateway and exits):")
+    say("\n".join("  " + line for line in try_by_hand(demo)))
     await watch(demo.children, interrupted)
     return EXIT_OK
 
 
-async def _show_hints(demo: PeeringDemo) -> None:
+def try_by_hand(demo: PeeringDemo) -> list[str]:
+    """Commands a person can paste while the peering demo runs."""
     exporter, importer = demo.exporter, demo.importer
     gateway = importer.gateways[0]
     spec = gateway.spec
-    discovered = await gateway.discovered_settings()
     db, api = demo.service_sni(TCP_SERVICE), demo.service_sni(L7_SERVICE)
     ca = str(exporter.ca)
     peers = exporter.peering_name
     meshgw = report.meshgw_command()
-    routes = [*meshgw, "routes", "--config", str(discovered)]
+    routes = [*meshgw, "routes", "--config", str(spec.config)]
     routes += ["--sni", db, "--sni", api, "--sni", exporter.peering_name]
     openssl = ["openssl", "s_client", "-connect", spec.listen, "-CAfile", ca, "-quiet"]
-    lines = [
+    return [
         f"# {importer.name}'s peering, and the {TCP_SERVICE} instances it imports (at "
         f"{exporter.name}'s gateways, PeerMeta.SNI set), as its agent lists them:",
         f"curl -s {importer.url}/v1/peering/{exporter.name}",
@@ -95,7 +96,7 @@ async def _show_hints(demo: PeeringDemo) -> None:
         f"# What {spec.name} routes, and what it learned from its agent:",
         f"curl -s http://{spec.admin}/v1/routes",
         f"curl -s http://{spec.admin}/v1/topology",
-        f"# How the names are routed, from what {spec.name} learned (as static settings):",
+        f"# How the names are routed: {spec.name}'s settings, and what its agent tells them:",
         shlex.join(routes),
         f"# {TCP_SERVICE} through both clusters' gateways (type a line; TLS is end to end):",
         shlex.join([*openssl, "-servername", db, "-verify_hostname", db]),
@@ -110,5 +111,3 @@ async def _show_hints(demo: PeeringDemo) -> None:
         ),
         f"tail -f {spec.log}",
     ]
-    say("\nTry it by hand (the demo keeps running; Ctrl-C stops every gateway and exits):")
-    say("\n".join("  " + line for line in lines))

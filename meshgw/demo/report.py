@@ -211,7 +211,6 @@ class Hints:
     ca: Path  # the servers' CA
     client_cert: tuple[Path, Path]  # a local server's certificate and key
     gateway: GatewayChild
-    discovered: Path  # the gateway's discovered settings, for meshgw routes
     target_sni: str  # a remote server's name
     local_sni: str  # a local server's name
 
@@ -240,7 +239,7 @@ def try_by_hand(hints: Hints) -> str:
     openssl = ["openssl", "s_client", "-connect", spec.listen, "-servername", target]
     openssl += ["-verify_hostname", target, "-CAfile", str(hints.ca), "-cert", str(cert)]
     openssl += ["-key", str(key), "-alpn", ALPN_RPC, "-quiet"]
-    routes = [*meshgw_command(), "routes", "--config", str(hints.discovered)]
+    routes = [*meshgw_command(), "routes", "--config", str(spec.config)]
     routes += ["--sni", target, "--sni", hints.local_sni]
     lines = [
         f"# The federation as {spec.dc}'s agent shows it (the WAN federation checklist), and a",
@@ -252,7 +251,7 @@ def try_by_hand(hints: Hints) -> str:
         f"# The agent's side: {spec.dc}'s gateways as registered, and the federation states:",
         f"curl -s {hints.agent}/v1/health/service/mesh-gateway",
         f"curl -s {hints.agent}/v1/internal/federation-states",
-        f"# How a name is routed, from what {spec.name} learned (written as static settings):",
+        f"# How a name is routed: {spec.name}'s settings, and what its agent tells them:",
         shlex.join(routes),
         f"# An RPC through {spec.name} to {target}; then type",
         "# Status.Ping, Status.Leader or Catalog.ListDatacenters:",

@@ -205,7 +205,6 @@ async def _show_hints(federation: Federation) -> None:
         ca=federation.pki.ca,
         client_cert=federation.pki.servers[(first_dc, "node-0")],
         gateway=gateway,
-        discovered=await gateway.discovered_settings(),
         target_sni=f"node-0.server.{second_dc}.{DOMAIN}",
         local_sni=f"node-0.server.{first_dc}.{DOMAIN}",
     )

@@ -401,9 +401,9 @@ _FIXES = {
     "service:read and mesh:read, or --peering-server HOST:PORT) and give the servers a "
     "grpc_tls port; or take the gateway out of the catalog.",
     NameKind.PEER_SERVERS: "Let the gateway learn the peerings ({consul} peering:read and "
-    "mesh:read, or --peer-server {sni}=HOST:PORT); or take it out of the catalog.",
+    "mesh:read, or --peer-server {peer}/{sni}=HOST:PORT); or take it out of the catalog.",
     NameKind.IMPORT: "Let the gateway learn the imported services ({consul} service:read and "
-    "peering:read, or --peer-import {sni}=HOST:PORT).",
+    "peering:read, or --peer-import {peer}/{sni}=HOST:PORT).",
     NameKind.EXPORT: "Make sure {service} has instances in this datacenter and that the gateway "
     "learns the exports ({consul} mesh:read and service:read, or --service and --peer-export "
     "{service}={peer}).",
