@@ -23,6 +23,7 @@ import pytest
 
 import meshgw
 from meshgw.app import Gateway
+from meshgw.bench.hellos import python_hello
 from meshgw.buildinfo import build
 from meshgw.dataplane import PUMP_MODES
 from meshgw.dataplane.sockmap import sockmap_unavailable
@@ -373,6 +374,23 @@ def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection((host, port), timeout=WAIT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def marker(backend_factory: Callable[..., Backend], name: bytes) -> Backend:
+    """A backend that answers every connection with its name: which endpoint a route chose."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(name)
+
+    return backend_factory(handle)
+
+
+def ask(port: int, sni: str) -> bytes:
+    """What the endpoint the gateway routes `sni` to answers (a marker's name)."""
+    with connect(port) as client:
+        client.sendall(python_hello(sni))
+        return recv_all(client)
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

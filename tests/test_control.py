@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ from meshgw.control import discovery
 from meshgw.control.consul.client import Response
 from meshgw.control.registrar import GatewayRegistration, Registrar
 from meshgw.simconsul import GATEWAY_BODY, AclToken
-from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
+from tests.conftest import WAIT, ask, closed_by_peer, connect, eventually, marker
 from tests.hellos import TRUST_DOMAIN as TD
 
 TOKEN = "3f1c9b6e-0d2a-4c57-9e43-8b2f6d1a7c55"
@@ -44,22 +43,6 @@ def route_targets(port: int, match: str) -> list[str]:
         if route["match"] == match:
             return [e["address"] for e in route["endpoints"]]
     return []
-
-
-def marker_backend(backend_factory, name: bytes):
-    """A backend that answers every connection with its name."""
-
-    def handle(conn: socket.socket) -> None:
-        conn.recv(65536)
-        conn.sendall(name)
-
-    return backend_factory(handle)
-
-
-def ask(port: int, sni: str) -> bytes:
-    with connect(port) as client:
-        client.sendall(python_hello(sni))
-        return recv_all(client)
 
 
 # --- registration ------------------------------------------------------------------------------
@@ -225,7 +208,7 @@ def test_sigterm_deregisters_before_draining(consul, gateway_process) -> None:
 def test_sigterm_keeps_accepting_through_the_drain_delay(
     consul, gateway_process, backend_factory
 ) -> None:
-    server = marker_backend(backend_factory, b"server-0")
+    server = marker(backend_factory, b"server-0")
     double = consul()
     gw = gateway_process(
         "--dc", "dc1", "--consul", double.url, "--register", "--expose-servers",
@@ -249,8 +232,8 @@ def test_sigterm_keeps_accepting_through_the_drain_delay(
 def test_routes_from_discovered_servers_and_federation_states(
     consul, gateway_factory, backend_factory
 ) -> None:
-    server = marker_backend(backend_factory, b"server-0")
-    remote = marker_backend(backend_factory, b"dc2-gateway")
+    server = marker(backend_factory, b"server-0")
+    remote = marker(backend_factory, b"dc2-gateway")
     double = consul()
     double.catalog.set_datacenters(["dc1", "dc2"])
     double.servers.add("consul-server-0", "127.0.0.1", port=server.port)
@@ -272,8 +255,8 @@ def test_routes_from_discovered_servers_and_federation_states(
 def test_a_dotted_server_node_name_does_not_stop_discovery(
     consul, gateway_process, backend_factory
 ) -> None:
-    first = marker_backend(backend_factory, b"ec2")
-    second = marker_backend(backend_factory, b"server-1")
+    first = marker(backend_factory, b"ec2")
+    second = marker(backend_factory, b"server-1")
     double = consul()
     double.servers.add("ip-10-0-0-1.ec2.internal", "127.0.0.1", port=first.port)
     gw = gateway_process(
@@ -295,8 +278,8 @@ def test_a_dotted_server_node_name_does_not_stop_discovery(
 
 
 def test_remote_gateway_moving_is_followed(consul, gateway_factory, backend_factory) -> None:
-    old = marker_backend(backend_factory, b"old")
-    new = marker_backend(backend_factory, b"new")
+    old = marker(backend_factory, b"old")
+    new = marker(backend_factory, b"new")
     double = consul()
     double.catalog.set_datacenters(["dc1", "dc2"])
     double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", old.port))
@@ -313,8 +296,8 @@ def test_remote_gateway_moving_is_followed(consul, gateway_factory, backend_fact
 
 
 def test_critical_gateways_are_tried_last(consul, gateway_factory, backend_factory) -> None:
-    good = marker_backend(backend_factory, b"good")
-    sick = marker_backend(backend_factory, b"sick")
+    good = marker(backend_factory, b"good")
+    sick = marker(backend_factory, b"sick")
     double = consul()
     double.catalog.set_datacenters(["dc1", "dc2"])
     double.gateways.add("dc2", "a", "10.2.0.1", wan=("127.0.0.1", sick.port), status="critical")
@@ -327,7 +310,7 @@ def test_critical_gateways_are_tried_last(consul, gateway_factory, backend_facto
 def test_consul_unreachable_at_start_then_arriving(
     consul, gateway_factory, backend_factory
 ) -> None:
-    remote = marker_backend(backend_factory, b"dc2-gateway")
+    remote = marker(backend_factory, b"dc2-gateway")
     double = consul()
     double.catalog.set_datacenters(["dc1", "dc2"])
     double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
@@ -345,7 +328,7 @@ def test_consul_unreachable_at_start_then_arriving(
 def test_garbage_and_5xx_keep_the_last_good_topology(
     consul, gateway_factory, backend_factory
 ) -> None:
-    remote = marker_backend(backend_factory, b"dc2-gateway")
+    remote = marker(backend_factory, b"dc2-gateway")
     double = consul()
     double.catalog.set_datacenters(["dc1", "dc2"])
     double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
@@ -370,7 +353,7 @@ def test_a_hung_agent_is_seen_within_seconds(
     caplog.set_level(logging.INFO, logger="meshgw.discovery")
     monkeypatch.setattr(discovery, "AGENT_PROBE_INTERVAL", 0.2)
     monkeypatch.setattr(discovery, "AGENT_PROBE_TIMEOUT", 0.5)
-    remote = marker_backend(backend_factory, b"dc2-gateway")
+    remote = marker(backend_factory, b"dc2-gateway")
     double = consul()
     double.catalog.set_datacenters(["dc1", "dc2"])
     double.gateways.add("dc2", "gw-node", "10.2.0.1", wan=("127.0.0.1", remote.port))
@@ -433,8 +416,8 @@ def test_forbidden_names_the_permission_and_hides_the_token(consul, gateway_proc
 def test_primary_gateways_route_until_federation_states_know_better(
     consul, gateway_factory, backend_factory
 ) -> None:
-    bootstrap = marker_backend(backend_factory, b"bootstrap")
-    discovered = marker_backend(backend_factory, b"discovered")
+    bootstrap = marker(backend_factory, b"bootstrap")
+    discovered = marker(backend_factory, b"discovered")
     double = consul(datacenter="dc2", primary_datacenter="dc1")
     double.catalog.set_datacenters(["dc1", "dc2"])
     gw = gateway_factory(
@@ -463,7 +446,7 @@ def test_primary_gateways_route_until_federation_states_know_better(
 
 
 def test_primary_gateways_without_consul(gateway_factory, backend_factory) -> None:
-    bootstrap = marker_backend(backend_factory, b"bootstrap")
+    bootstrap = marker(backend_factory, b"bootstrap")
     gw = gateway_factory(
         dc="dc2",
         expose_servers=True,

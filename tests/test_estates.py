@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from meshgw.bench.hellos import python_hello
-from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
+from tests.conftest import WAIT, ask, closed_by_peer, connect, eventually, marker, recv_all
 from tests.hellos import TRUST_DOMAIN as TD
 
 
@@ -32,22 +32,6 @@ def endpoints(port: int, match: str, field: str = "address") -> list[Any]:
 def metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
         return response.read().decode()
-
-
-def marker(backend_factory, name: bytes):
-    """A backend that answers every connection with its name."""
-
-    def handle(conn: socket.socket) -> None:
-        conn.recv(65536)
-        conn.sendall(name)
-
-    return backend_factory(handle)
-
-
-def ask(port: int, sni: str) -> bytes:
-    with connect(port) as client:
-        client.sendall(python_hello(sni))
-        return recv_all(client)
 
 
 def web(subset: str = "") -> str:

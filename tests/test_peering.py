@@ -17,7 +17,7 @@ import pytest
 from meshgw.bench.hellos import python_hello
 from meshgw.simconsul import mesh_gateway_node
 from meshgw.tls.certs import create_ca, create_cert
-from tests.conftest import WAIT, closed_by_peer, connect, eventually, recv_all
+from tests.conftest import WAIT, ask, closed_by_peer, connect, eventually, marker
 from tests.hellos import TRUST_DOMAIN as TD
 
 TD2 = "0a1b2c3d-0000-4000-8000-000000000002.consul"  # the peer's trust domain
@@ -83,20 +83,6 @@ def dial(pki: dict[str, Path], port: int, name: str) -> bytes:
     with connect(port) as raw, ctx.wrap_socket(raw, server_hostname=name) as tls:
         tls.sendall(b"PRI * HTTP/2.0")
         return tls.recv(1024)
-
-
-def marker(backend_factory, name: bytes):
-    def handle(conn: socket.socket) -> None:
-        conn.recv(65536)
-        conn.sendall(name)
-
-    return backend_factory(handle)
-
-
-def ask(port: int, sni: str) -> bytes:
-    with connect(port) as client:
-        client.sendall(python_hello(sni))
-        return recv_all(client)
 
 
 # --- the control plane ---------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshgw.demo.servers import failure_reason
+
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HTTP2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame, stream 0
 ALPN_H2 = "h2"
@@ -152,20 +154,6 @@ def client_context(ca: Path, alpn: list[str]) -> ssl.SSLContext:
     return context
 
 
-def _why(error: BaseException) -> str:
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return f"certificate verify failed ({error.verify_message})"
-    if isinstance(error, ssl.SSLError):
-        return (error.reason or type(error).__name__).lower()
-    if isinstance(error, TimeoutError):
-        return "timeout"
-    if isinstance(error, ConnectionResetError | BrokenPipeError):
-        return "connection reset"
-    if isinstance(error, asyncio.IncompleteReadError | EOFError | ConnectionError):
-        return "closed by the gateway"
-    return str(error) or type(error).__name__
-
-
 def server_node(peer: Mapping[str, Any] | None) -> str:
     """The node of the `<node>.server.<dc>.<domain>` name among a server certificate's DNS
     names (an `SSLObject.getpeercert()` dictionary)."""
@@ -206,7 +194,7 @@ async def dial(
             alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
             return Dial(client, await talk(reader, writer), alpn)
     except (OSError, EOFError, TimeoutError, ValueError) as error:
-        return Dial(client, error=_why(error))
+        return Dial(client, error=failure_reason(error))
     finally:
         if writer is not None:
             writer.close()

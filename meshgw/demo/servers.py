@@ -89,7 +89,7 @@ def client_context(spec: ServerSpec, ca: Path, alpn: str) -> ssl.SSLContext:
     return context
 
 
-def _reason(error: BaseException) -> str:
+def failure_reason(error: BaseException) -> str:
     """A short, stable name for why a handshake or an exchange failed."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"certificate verify failed ({error.verify_message})"
@@ -98,7 +98,7 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timeout"
     if isinstance(error, asyncio.IncompleteReadError | EOFError):
-        return "closed by peer"
+        return "closed by the other end"
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
     if isinstance(error, ConnectionResetError | BrokenPipeError):
@@ -143,7 +143,7 @@ class PathResult:
         return all(e.ok for e in self.exchanges)
 
     def fail(self, protocol: str, error: BaseException) -> None:
-        self.exchanges.append(Exchange(protocol, error=_reason(error)))
+        self.exchanges.append(Exchange(protocol, error=failure_reason(error)))
 
     @property
     def errors(self) -> list[str]:
@@ -213,7 +213,9 @@ class SimServer:
         try:
             await self._serve(reader, writer)
         except (OSError, EOFError, TimeoutError, PacketTooLarge, ValueError) as error:
-            self._refuse(_reason(error) if not isinstance(error, ValueError) else "bad_message")
+            self._refuse(
+                failure_reason(error) if not isinstance(error, ValueError) else "bad_message"
+            )
         finally:
             self._handlers.discard(task)
             writer.close()
@@ -338,7 +340,7 @@ class SimServer:
                 learned = await self._push_pull(reader, writer, target)
                 return Exchange(alpn, client=client, learned=learned), None
         except (OSError, EOFError, TimeoutError, ExchangeError, ValueError) as error:
-            return Exchange(alpn, error=_reason(error), client=client), None
+            return Exchange(alpn, error=failure_reason(error), client=client), None
         finally:
             if writer is not None and not keep:
                 await _close(writer)
