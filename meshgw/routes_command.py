@@ -148,22 +148,13 @@ async def _discover(
 ) -> SourceReport:
     """Consul discovery as the gateway runs it (app/controlplane.py), once, until `bound`:
     (the timeout, the loop time it ends at)."""
+    from meshgw.app.controlplane import discovery_for
     from meshgw.control.consul.client import ConsulClient
-    from meshgw.control.discovery import Discovery
 
     timeout, deadline = bound
     # No single request may outlast the whole.
     async with ConsulClient(config, timeout=timeout) as client:
-        discovery = Discovery(
-            client,
-            snapshot.publish,
-            datacenter=settings.dc,
-            expose_servers=settings.expose_servers,
-            gateway_service=settings.service_name,
-            gateway_id=settings.proxy_id,
-            service_watch_limit=settings.service_watch_limit,
-            on_health=snapshot.on_health,
-        )
+        discovery = discovery_for(settings, client, snapshot.publish, snapshot.on_health)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await snapshot.discover(discovery, names)

@@ -34,6 +34,25 @@ def agent_connections(settings: Settings) -> int:
     return settings.service_watch_limit + OTHER_WATCHES
 
 
+def discovery_for(
+    settings: Settings,
+    client: ConsulClient,
+    publish: Callable[[TopologyPart], None],
+    on_health: Callable[[str, bool], None],
+) -> Discovery:
+    """The Consul discovery these settings ask for (a gateway's, or `meshgw routes`' once)."""
+    return Discovery(
+        client,
+        publish,
+        datacenter=settings.dc,
+        expose_servers=settings.expose_servers,
+        gateway_service=settings.service_name,
+        gateway_id=settings.proxy_id,
+        service_watch_limit=settings.service_watch_limit,
+        on_health=on_health,
+    )
+
+
 class ControlPlane:
     """Consul discovery, the registrar and the primary_gateways bootstrap, as settings ask.
 
@@ -91,16 +110,7 @@ class ControlPlane:
         def health(source: str, ok: bool) -> None:
             self.metrics.consul_up.labels(source).set(1 if ok else 0)
 
-        self.discovery = Discovery(
-            client,
-            self.publish,
-            datacenter=settings.dc,
-            expose_servers=settings.expose_servers,
-            gateway_service=settings.service_name,
-            gateway_id=settings.proxy_id,
-            service_watch_limit=settings.service_watch_limit,
-            on_health=health,
-        )
+        self.discovery = discovery_for(settings, client, self.publish, health)
         self.tasks.append(loop.create_task(self.discovery.run()))
         if settings.register:
             self.listen_port = listen_port
