@@ -6,8 +6,12 @@ only kernel tunnels do. Promotion thresholds are shortened so that tests take a 
 
 from __future__ import annotations
 
+import array
+import functools
 import hashlib
 import socket
+import struct
+import sys
 import threading
 import time
 
@@ -18,6 +22,7 @@ from meshgw.dataplane import kernelplane, sockmap
 from meshgw.dataplane.kernelplane import Promotion
 from meshgw.dataplane.kerneltunnel import KernelTunnel
 from meshgw.dataplane.sockmap import TunnelRefused
+from meshgw.dataplane.tunnel_program import NEXT_SEQ
 from tests.conftest import (
     SOCKMAP_UNAVAILABLE,
     WAIT,
@@ -346,3 +351,274 @@ def test_maps_the_kernel_refuses_leave_the_gateway_in_userspace(
     with connect(gw.port) as client:
         exchange(client, HELLO)
     assert metric(gw.admin_port, "meshgw_kernel_tunnel_capacity") == 0
+
+
+# --- sockmap: a client that streams at once -----------------------------------------------------
+
+PATTERN_SIZE = 256 * MiB  # cached once: the largest stream a test sends
+WORD = 8  # the pattern's unit: each aligned word of the stream holds its own index
+
+
+@functools.cache
+def stream_of_words(size: int) -> bytes:
+    """`size` bytes in which each aligned word holds its own index: a byte out of place names
+    where it came from."""
+    words = array.array("Q", range(-(-size // WORD)))
+    if sys.byteorder != "little":
+        words.byteswap()
+    return words.tobytes()[:size]
+
+
+def pattern(offset: int, size: int) -> bytes:
+    """Stream bytes [offset, offset + size)."""
+    return stream_of_words(PATTERN_SIZE)[offset : offset + size]
+
+
+def origin(data: bytes, at: int) -> int | None:
+    """The stream offset `data[at]` came from, if two whole words follow it in `data`."""
+    for shift in range(WORD):
+        index = at + shift
+        if index + 2 * WORD > len(data):
+            return None
+        word = int.from_bytes(data[index : index + WORD], "little")
+        if int.from_bytes(data[index + WORD : index + 2 * WORD], "little") == word + 1:
+            return word * WORD - shift
+    return None
+
+
+def first_difference(data: bytes, expected: bytes) -> int:
+    step = 4096
+    at = 0
+    while data[at : at + step] == expected[at : at + step]:
+        at += step
+    while data[at] == expected[at]:
+        at += 1
+    return at
+
+
+class StreamCheck:
+    """A backend's view of the stream after the hello, checked against `pattern` as it comes:
+    where bytes out of place start, and where they came from (at most `MAX_JUMPS`)."""
+
+    MAX_JUMPS = 8
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.source: int | None = 0  # the stream offset of the next byte, as received so far
+        self.jumps: list[tuple[int, int, int | None]] = []  # (at, expected, came from)
+        self.digest = hashlib.sha256()
+
+    def feed(self, data: bytes) -> None:
+        self.digest.update(data)
+        at = 0
+        while self.source is not None:
+            expected = pattern(self.source, len(data) - at)
+            if data[at:] == expected:
+                self.source += len(data) - at
+                break
+            bad = at + first_difference(data[at:], expected)
+            came_from = origin(data, bad)
+            self.jumps.append((self.received + bad, self.source + bad - at, came_from))
+            at, self.source = bad, came_from
+            if len(self.jumps) >= self.MAX_JUMPS:
+                self.source = None
+        self.received += len(data)
+
+    def describe(self, size: int) -> str:
+        lines = [f"{self.received} of {size} bytes, sha256 {self.digest.hexdigest()[:16]}"]
+        for at, expected, came_from in self.jumps:
+            if came_from is None:
+                lines.append(f"  at {at}: expected offset {expected}, got unrecognised bytes")
+            else:
+                lines.append(
+                    f"  at {at}: expected offset {expected}, got offset {came_from} "
+                    f"({came_from - expected:+d})"
+                )
+        return "\n".join(lines)
+
+
+def checking_backend(results: list[StreamCheck]):
+    """Reads the hello (it must be verbatim), greets like the bench's sink, then checks
+    every byte until EOF."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        assert recv_exactly(conn, len(HELLO)) == HELLO
+        conn.sendall(pattern(0, 128))
+        check = StreamCheck()
+        results.append(check)
+        buffer = bytearray(1 << 20)
+        while n := conn.recv_into(buffer):
+            check.feed(bytes(buffer[:n]))
+
+    return handle
+
+
+def stream_at_once(port: int, size: int, chunk: int, errors: list[BaseException]) -> None:
+    """Hello, then `size` pattern bytes in `chunk`-sized writes, without waiting for anything."""
+    try:
+        with connect(port) as client:
+            client.sendall(HELLO)
+            assert recv_exactly(client, 128) == pattern(0, 128)
+            data = memoryview(stream_of_words(PATTERN_SIZE))
+            for offset in range(0, size, chunk):
+                client.sendall(data[offset : min(offset + chunk, size)])
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b""
+    except BaseException as error:  # surfaced by the test
+        errors.append(error)
+
+
+@pytest.mark.parametrize(
+    ("connections", "size", "chunk"),
+    [(1, 256 * MiB, 64 * KiB), (1, 256 * MiB, 1 * MiB), (4, 64 * MiB, 64 * KiB)],
+)
+def test_a_client_streaming_from_its_first_byte_is_byte_exact(
+    quick_policies, gateway_factory, backend_factory, connections, size, chunk
+):
+    results: list[StreamCheck] = []
+    server = backend_factory(checking_backend(results))
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="sockmap")
+    errors: list[BaseException] = []
+    clients = [
+        threading.Thread(target=stream_at_once, args=(gw.port, size, chunk, errors))
+        for _ in range(connections)
+    ]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(WAIT * 3)
+    server.close()
+    assert not server.errors and not errors, (server.errors, errors)
+    assert len(results) == connections
+    for check in results:
+        assert check.received == size and not check.jumps, check.describe(size)
+    gw.wait_idle()
+    assert joins(gw, "start") + joins(gw, "promotion") == connections
+
+
+# --- sockmap: a retransmission overlapping bytes already delivered -----------------------------
+
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
+RECV_QUEUE, SEND_QUEUE = 1, 2
+
+
+def sequence(sock: socket.socket, queue: int) -> int:
+    """A socket's write_seq (SEND_QUEUE) or rcv_nxt (RECV_QUEUE), read in TCP repair mode."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, -1)  # off, without a window probe
+
+
+def internet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tcp_segment(src: tuple, dst: tuple, seq: int, ack: int, payload: bytes) -> bytes:
+    """An IPv4 packet carrying one TCP segment (ACK|PSH, no options) from src to dst."""
+    addresses = socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
+    header = struct.pack("!HHIIHHHH", src[1], dst[1], seq, ack, (5 << 12) | 0x18, 65535, 0, 0)
+    pseudo = addresses + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header) + len(payload))
+    checksum = internet_checksum(pseudo + header + payload)
+    header = header[:16] + struct.pack("!H", checksum) + header[18:]
+    total = 20 + len(header) + len(payload)
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, total, 0, 0x4000, 64, socket.IPPROTO_TCP, 0)
+    return ip + addresses + header + payload
+
+
+def retransmit(client: socket.socket, old: int, data: bytes) -> None:
+    """What the client's TCP sends when it retransmits cut differently: one segment that
+    starts `old` bytes before what the other side has received and goes on with `data`."""
+    start = sequence(client, SEND_QUEUE)  # everything sent was received: their rcv_nxt
+    ack = sequence(client, RECV_QUEUE)
+    packet = tcp_segment(
+        client.getsockname(), client.getpeername(), (start - old) & 0xFFFFFFFF, ack, data
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(packet, (client.getpeername()[0], 0))
+
+
+@pytest.mark.parametrize("path", ["redirected", "passed"])
+def test_a_retransmission_overlapping_delivered_bytes_is_delivered_once(
+    monkeypatch, gateway_factory, backend_factory, path
+):
+    """TCP queues such a segment whole and leaves the old part for its reader to skip; the
+    kernel hands the tunnel program whole buffers, so the program must cut it off itself,
+    whether it redirects them or (no allowance: credit 0) passes them to userspace."""
+    if path == "passed":
+        monkeypatch.setattr(kernelplane, "KERNEL_CREDIT", 0)
+    results: list[StreamCheck] = []
+    server = backend_factory(checking_backend(results))
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="sockmap")
+    size = 64 * KiB
+    with connect(gw.port) as client:
+        client.sendall(HELLO)
+        assert recv_exactly(client, 128) == pattern(0, 128)
+        eventually(lambda: kernel_tunnels(gw), what="never joined")
+        client.sendall(pattern(0, 1000))
+        eventually(lambda: results and results[0].received >= 1000, what="bytes never came")
+        retransmit(client, 400, pattern(600, 1000))  # 400 bytes again, then 600 new ones
+        eventually(lambda: results[0].received >= 1600, what="the retransmission never came")
+        client.sendall(pattern(1000, 600))  # the client's own copy of those: TCP drops it
+        client.sendall(pattern(1600, size - 1600))
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    server.close()
+    assert not server.errors
+    assert results[0].received == size and not results[0].jumps, results[0].describe(size)
+    gw.wait_idle()
+    assert joins(gw, "start") == 1
+    assert metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
+                  datacenter="dc1", outcome="closed") == 1  # fmt: skip
+
+
+def test_a_buffer_that_cannot_be_made_exact_resets_the_connection(
+    caplog, gateway_factory, backend_factory
+):
+    """The program faults the direction (here: the stream is made to look ahead of where the
+    program stands): it drops the bytes and the connection is reset on both sides, with
+    nothing after the fault delivered."""
+    got = bytearray()
+    reset = threading.Event()
+
+    def backend(conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        assert recv_exactly(conn, len(HELLO)) == HELLO
+        try:
+            while data := conn.recv(65536):
+                got.extend(data)
+        except ConnectionResetError:
+            reset.set()
+
+    server = backend_factory(backend)
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="sockmap")
+    with connect(gw.port) as client:
+        client.sendall(HELLO)
+        eventually(lambda: kernel_tunnels(gw), what="never joined")
+        client.sendall(pattern(0, 1000))
+        eventually(lambda: len(got) >= 1000, what="bytes never came")
+        (joined,) = kernel_tunnels(gw)
+
+        def behind() -> None:
+            state = joined.kernel.tunnels.maps.state
+            assert state is not None
+            slot = joined.handle.forward.slot
+            state.set(slot, NEXT_SEQ, (state.get(slot, NEXT_SEQ) - 10) & 0xFFFFFFFF)
+
+        gw.call(behind)
+        client.sendall(pattern(1000, 500))
+        assert closed_by_peer(client)
+    assert reset.wait(WAIT)
+    assert bytes(got) == pattern(0, 1000)
+    gw.wait_idle()
+    assert metric(gw.admin_port, "meshgw_connections_total", route_kind="local_server",
+                  datacenter="dc1", outcome="tunnel_fault") == 1  # fmt: skip
+    assert "a received buffer could not be made exact" in caplog.text

@@ -66,6 +66,7 @@ ATTACH_SK_SKB_STREAM_VERDICT = 5
 # Helper functions (enum bpf_func_id), called with `call`.
 FN_MAP_LOOKUP_ELEM = 1
 FN_GET_SOCKET_COOKIE = 46
+FN_SKB_ADJUST_ROOM = 50
 FN_SK_REDIRECT_MAP = 52
 FN_RINGBUF_OUTPUT = 130
 
@@ -75,6 +76,9 @@ SK_PASS = 1
 
 # Offsets in struct __sk_buff (the context an sk_skb program reads).
 SKB_LEN = 0
+# cb[0], cb[1]: for an sk_skb program the kernel maps them onto the start of the buffer's
+# skb->cb, where TCP keeps the buffer's sequence numbers (struct tcp_skb_cb: seq, end_seq).
+SKB_CB = 48
 
 ATTR_SIZE = 128  # larger than every bpf_attr variant used here; the tail must stay zero
 LOG_SIZE = 64 * 1024
@@ -109,7 +113,7 @@ LD, LDX, ST, STX, ALU, JMP, ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x07
 W, H, B, DW = 0x00, 0x08, 0x10, 0x18
 IMM, MEM, ATOMIC = 0x00, 0x60, 0xC0
 K, X = 0x00, 0x08
-ADD, MOV = 0x00, 0xB0
+ADD, SUB, MOV = 0x00, 0x10, 0xB0
 JA, JEQ, JGT, JNE, CALL, EXIT, JLT = 0x00, 0x10, 0x20, 0x50, 0x80, 0x90, 0xA0
 PSEUDO_MAP_FD = 1  # src register of ld_imm64: the immediate is a map's file descriptor
 
@@ -165,6 +169,18 @@ class Asm:
     def add(self, dst: int, src: int) -> None:
         """dst += src."""
         self.insns.append(Insn(ALU64 | ADD | X, dst, src))
+
+    def sub(self, dst: int, src: int) -> None:
+        """dst -= src."""
+        self.insns.append(Insn(ALU64 | SUB | X, dst, src))
+
+    def add32(self, dst: int, src: int) -> None:
+        """dst = (u32)(dst + src): 32-bit arithmetic, the upper half cleared."""
+        self.insns.append(Insn(ALU | ADD | X, dst, src))
+
+    def sub32(self, dst: int, src: int) -> None:
+        """dst = (u32)(dst - src)."""
+        self.insns.append(Insn(ALU | SUB | X, dst, src))
 
     def load_map(self, dst: int, map_fd: int) -> None:
         """dst = the map whose descriptor is `map_fd` (ld_imm64 with PSEUDO_MAP_FD)."""

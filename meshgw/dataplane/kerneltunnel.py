@@ -9,6 +9,8 @@ end-of-stream protocol of sockmap.py:
   retried on the loop after a growing delay (the bytes leave at the pace of the reader; the
   idle timeout bounds a reader that never reads);
 - an error (EPOLLERR) resets the other side, as a Tunnel does;
+- a fault of the program (a buffer it could not make exact, whose bytes it dropped) resets
+  both sides: they must not take the stream for whole;
 - closing leaves the tunnel first (freeing its slots), then closes both sockets, accounts the
   bytes (those moved in userspace before the join, plus the kernel's counters) and writes the
   access-log line.
@@ -30,6 +32,8 @@ from meshgw.dataplane.ending import LINGER_RESET, access_log, log_connection
 from meshgw.dataplane.kernelplane import KernelPlane
 from meshgw.routing import Route, Target
 from meshgw.wire.clienthello import Hello
+
+log = logging.getLogger("meshgw.dataplane")
 
 if sys.platform == "linux":
     ERROR = select.EPOLLERR
@@ -102,6 +106,7 @@ class KernelTunnel:
         """Take the sockets' events over, for their end only. A socket that already ended or
         failed is reported again by the change."""
         poller = self.dp.poller
+        self.handle.on_fault = self._on_fault
         poller.swap(self.client_fd, self._on_client_event)
         poller.swap(self.upstream_fd, self._on_upstream_event)
         poller.modify(self.client_fd, sockmap.JOINED_EVENTS)
@@ -158,6 +163,20 @@ class KernelTunnel:
     def _source(self, direction: int) -> socket.socket:
         return self.client if direction == UP else self.upstream
 
+    def _on_fault(self) -> None:
+        """The kernel handed the program a buffer it could not make exact; it dropped it and
+        everything after. Reset both sides rather than let either take the stream for whole."""
+        log.warning(
+            "kernel tunnel from %s to %s: a received buffer could not be made exact; "
+            "connection reset",
+            self.peer[0],
+            self.target.address,
+        )
+        for sock in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        self.close("tunnel_fault")
+
     def _reset(self, dead: socket.socket) -> None:
         """One side failed: reset the other, so it learns of the abort (RST, not FIN)."""
         other = self.upstream if dead is self.client else self.client
@@ -187,6 +206,7 @@ class KernelTunnel:
                 self.retries[index] = None
         bytes_up, bytes_down = self.moved_each()  # before leaving: the slots get reused
         self.kernel.tunnels.leave(self.handle)
+        self.handle.on_fault = None  # it refers to this tunnel: no cycle left behind
         dp = self.dp
         poller = dp.poller
         poller.forget(self.client_fd)

@@ -7,7 +7,7 @@ never reach this process and no request wakes it. What stays in userspace: half-
 one side becomes shutdown(SHUT_WR) on the other once everything before it has left), RST
 propagation, the idle timeout, drain, byte accounting, and backpressure's slow path.
 
-Three sharp edges of the kernel's sockmap, and how each is solved:
+Four sharp edges of the kernel's sockmap, and how each is solved:
 
 (a) Bytes read twice. With a verdict program, the kernel hands the program whole skbs from the
     receive queue (tcp_read_skb) and ignores how much of the first one userspace has already
@@ -33,8 +33,23 @@ Three sharp edges of the kernel's sockmap, and how each is solved:
     program's redirected count, userspace's forwarded count, and the peer's
     tcpi_bytes_acked + SIOCOUTQ measured from a baseline taken at join. Reading src's TCP_INFO
     first also waits out any buffer the kernel is still handing to the program.
+(d) Bytes TCP delivered before, handed over again. TCP queues a segment that overlaps what it
+    has received already (a retransmission cut into segments differently from the first
+    transmission, common after reordering made the sender retransmit needlessly) whole, and
+    leaves it to its reader to skip the old head by sequence number; tcp_recvmsg does,
+    tcp_read_skb (how the kernel feeds the program) does not. Unhandled, those bytes reach
+    the other socket twice (seen in a fast bulk upload: one 64 KiB segment repeated),
+    and copied_seq runs ahead of rcv_nxt, so the next bytes wait for more to arrive.
+    Solution: the program resequences (tunnel_program.py, step 2). It reads each buffer's
+    TCP sequence number from the buffer's control block and cuts off what lies before
+    `next_seq`, the sequence number of the next new byte; `join` sets `next_seq` from
+    repair mode (`next_sequence`) while nobody reads the socket. A buffer that cannot be
+    made exact faults the direction: the program drops it and all that follows, and the
+    connection is reset (`Tunnel.on_fault`); a wrong byte is never passed on. The probe
+    (`sockmap_unavailable`) checks on a real connection that the kernel lets the program
+    follow sequence numbers, and offers no kernel tunnels where it does not.
 
-A fourth edge, found while testing: egress redirect has no backpressure. The redirected skbs
+A fifth edge, found while testing: egress redirect has no backpressure. The redirected skbs
 stop counting against the source's receive buffer, so TCP keeps its window open and a client
 could park gigabytes in the kernel while the upstream reads slowly. Solution: an allowance.
 The program redirects only while the peer's backlog (redirected but not yet written into the
@@ -68,7 +83,8 @@ End-of-stream protocol for the caller (what epoll reports for a joined socket):
   were passed to the partner's own queue, which taking it out again drops: "error".
 
 Capabilities: loading the program and creating socket maps needs CAP_BPF and CAP_NET_ADMIN (or
-CAP_SYS_ADMIN) in the initial user namespace; `sockmap_unavailable()` says when they are missing.
+CAP_SYS_ADMIN) in the initial user namespace (repair mode, edge d, needs CAP_NET_ADMIN too);
+`sockmap_unavailable()` says when they are missing.
 In a container: add both capabilities (`--cap-add BPF --cap-add NET_ADMIN`) and a seccomp
 profile that allows bpf(2) (Docker's default allows it only with CAP_SYS_ADMIN or, in recent
 versions, CAP_BPF). Kernel 5.8 or later (ring buffer), with CONFIG_BPF_SYSCALL,
@@ -89,17 +105,21 @@ import sys
 import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshgw.dataplane import bpf
 from meshgw.dataplane import tunnel_program as kernel
 from meshgw.dataplane.tunnel_program import (
     ALLOWANCE,
+    FAULTED,
     FORWARDED,
+    NEXT_SEQ,
     NOTIFIED,
     NOTIFY_AT,
     PASSED,
     REDIRECTED,
+    TRIMMED,
     TunnelMaps,
 )
 
@@ -110,6 +130,12 @@ RETRY_MIN, RETRY_MAX = 0.001, 0.064  # forwarding passed bytes: retry delays whi
 SCAN_PERIOD = 5.0  # a look at every tunnel for an event a full ring buffer could not take
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 SIOCOUTQ = termios.TIOCOUTQ
+SIOCINQ = termios.FIONREAD
+# TCP repair mode (linux/tcp.h): the one way to read a socket's receive sequence number.
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
+TCP_RECV_QUEUE = 1
+REPAIR_ON, REPAIR_OFF_NO_WINDOW_PROBE = 1, -1
+SEQ_MASK = 0xFFFFFFFF
 TCP_INFO_SIZE = 128
 BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked)
 
@@ -146,7 +172,7 @@ def sockmap_unavailable() -> str | None:
     except Exception as error:  # a probe must answer, whatever went wrong
         return f"BPF setup failed: {error}"
     try:
-        return _try_insert(maps)
+        return _try_tunnel(maps)
     finally:
         maps.close()
 
@@ -162,19 +188,46 @@ def _reason(error: OSError) -> str:
     return f"BPF socket maps not usable: {name or error}: {error.strerror or ''}".rstrip(": ")
 
 
-def _try_insert(maps: TunnelMaps) -> str | None:
-    """Put a real connected TCP socket into the map and take it out again."""
+def _try_tunnel(maps: TunnelMaps) -> str | None:
+    """Put the accepted end of a real loopback connection into the map and send it bytes
+    twice: the program must find each buffer where the stream stands (edge d), which needs
+    repair mode and TCP's sequence numbers in the buffer's control block (cb[0]). Its peer's
+    slot stays empty, so the program passes the bytes back to the socket."""
     listener = socket.socket()
     try:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         with socket.create_connection(listener.getsockname(), timeout=2) as client:
-            maps.insert(0, client)
-            maps.remove(0)
+            accepted, _ = listener.accept()
+            with accepted:
+                return _try_sequence(maps, client, accepted)
     except OSError as error:
         return _reason(error)
+    except TunnelRefused as refused:
+        return f"the tunnel program could not be tried: {refused}"
     finally:
         listener.close()
+
+
+def _try_sequence(maps: TunnelMaps, client: socket.socket, sock: socket.socket) -> str | None:
+    state = maps.state
+    assert state is not None
+    start = next_sequence(sock)
+    maps.prepare(0, 1, 1 << 20, 1 << 19, start)
+    maps.name(kernel.cookie(sock), 0)
+    maps.insert(0, sock)
+    try:
+        for total in (1000, 1500):
+            client.sendall(b"\x16" * (total - state.get(0, PASSED)))
+            deadline = time.monotonic() + 1.0
+            while state.get(0, PASSED) < total and time.monotonic() < deadline:
+                time.sleep(0.001)
+        seen = (state.get(0, PASSED), state.get(0, NEXT_SEQ), state.get(0, FAULTED))
+    finally:
+        maps.remove(0)
+        maps.unname(kernel.cookie(sock))
+    if seen != (1500, (start + 1500) & SEQ_MASK, 0):
+        return "the tunnel program cannot follow TCP sequence numbers on this kernel"
     return None
 
 
@@ -212,6 +265,29 @@ def exact_sent_bytes(sock: socket.socket) -> int:
     raise TunnelRefused("busy", "could not read a stable send count")
 
 
+def queued_bytes(sock: socket.socket) -> int:
+    """SIOCINQ: bytes received and not read yet."""
+    return int(struct.unpack("<i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0])
+
+
+def next_sequence(sock: socket.socket) -> int:
+    """The TCP sequence number of the first byte `sock` received that nobody has read: where
+    the program takes the stream over (edge d). rcv_nxt comes from repair mode (it needs
+    CAP_NET_ADMIN, as kernel tunnels do), left at once and without a window probe; the bytes
+    still queued are taken off. Read again until no byte arrived in between."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, REPAIR_ON)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        for _ in range(16):
+            received = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+            queued = queued_bytes(sock)
+            if sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) == received:
+                return (received - queued) & SEQ_MASK
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF_NO_WINDOW_PROBE)
+    raise TunnelRefused("busy", "could not read a stable receive sequence number")
+
+
 def kick(sock: socket.socket) -> None:
     """Run the program over bytes queued before the join (tcp_set_rcvlowat calls data-ready)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
@@ -245,6 +321,9 @@ class Tunnel:
     pair: int
     caught_up: tuple[int, int] = (0, 0)  # bytes `join` forwarded itself, (a → b, b → a)
     joined: bool = True
+    # Called once if the program faults a direction (edge d): the connection must be reset.
+    on_fault: Callable[[], None] | None = None
+    faulted: bool = False
 
     def direction(self, src: socket.socket) -> Direction:
         if src is self.a:
@@ -272,6 +351,18 @@ class Forwarder:
             state.get(d.slot, FORWARDED),
         )
 
+    def faulted(self, d: Direction) -> bool:
+        """The program met a buffer it could not make exact and drops everything (edge d)."""
+        state = self.maps.state
+        assert state is not None
+        return state.get(d.slot, FAULTED) != 0
+
+    def trimmed(self, d: Direction) -> int:
+        """Bytes the program cut off buffers because TCP had delivered them already."""
+        state = self.maps.state
+        assert state is not None
+        return state.get(d.slot, TRIMMED)
+
     def backlog(self, d: Direction) -> int:
         """Bytes the kernel holds for dst (redirected or forwarded, not yet in dst's queue)."""
         redirected, _, forwarded = self.counters(d)
@@ -293,8 +384,8 @@ class Forwarder:
     def pump(self, d: Direction) -> bool | None:
         """Forward passed bytes. True: caught up; False: dst is full or its kernel backlog is
         not drained yet (retry later); None: no progress was possible at all."""
-        if d.broken:
-            return True
+        if d.broken or self.faulted(d):
+            return True  # the connection is being reset: nothing more to forward
         if self.backlog(d) > 0:
             return None  # redirected bytes go first
         state = self.maps.state
@@ -346,6 +437,7 @@ class KernelTunnels:
         self._next_scan = 0.0
         self.refusals: dict[str, int] = {}  # join refusals by reason, for metrics
         self.events = 0  # records the program posted, for metrics
+        self.faults = 0  # directions the program faulted (edge d): their connection is reset
 
     def __len__(self) -> int:
         return len(self._by_slot) // 2
@@ -386,6 +478,7 @@ class KernelTunnels:
     ) -> Tunnel:
         try:
             base_a, base_b = exact_sent_bytes(a), exact_sent_bytes(b)
+            sequences = (next_sequence(a), next_sequence(b))
         except OSError as error:
             raise TunnelRefused("error", str(error)) from None
         pair = self._free.popleft()
@@ -400,7 +493,7 @@ class KernelTunnels:
             caught_up,
         )
         try:
-            self._enter(tunnel)
+            self._enter(tunnel, sequences)
         except OSError as error:
             self._exit(tunnel)
             raise self._entry_refused(tunnel, error) from None
@@ -409,11 +502,11 @@ class KernelTunnels:
         self._cookies.update(cookies)
         return tunnel
 
-    def _enter(self, tunnel: Tunnel) -> None:
+    def _enter(self, tunnel: Tunnel, sequences: tuple[int, int]) -> None:
         maps, credit = self.maps, self.forwarder.credit
         slot_a, slot_b = tunnel.forward.slot, tunnel.backward.slot
-        maps.prepare(slot_a, slot_b, credit, credit // 2)
-        maps.prepare(slot_b, slot_a, credit, credit // 2)
+        maps.prepare(slot_a, slot_b, credit, credit // 2, sequences[0])
+        maps.prepare(slot_b, slot_a, credit, credit // 2, sequences[1])
         maps.name(tunnel.cookies[0], slot_a)
         maps.name(tunnel.cookies[1], slot_b)
         # A buffer b receives before a is in is passed (its peer's slot is empty), not lost.
@@ -467,6 +560,9 @@ class KernelTunnels:
         # TCP_INFO takes src's socket lock: any buffer the kernel was handing to the program
         # for src has been counted once this returns.
         src.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+        if self.forwarder.faulted(d):
+            self._fault(tunnel)
+            return False  # bytes were dropped: the connection is reset, never shut cleanly
         if self.forwarder.passing(d):
             self._passing.add(d)
             return False
@@ -496,16 +592,27 @@ class KernelTunnels:
             self.events += 1
             entry = self._by_slot.get(int.from_bytes(record[:4], "little"))
             if entry is not None:
-                self._attend(entry[1], now)
+                self._attend(entry[0], entry[1], now)
 
-    def _attend(self, d: Direction, now: float) -> None:
+    def _attend(self, tunnel: Tunnel, d: Direction, now: float) -> None:
         forwarder = self.forwarder
-        if forwarder.passing(d):
+        if forwarder.faulted(d):
+            self._fault(tunnel)
+        elif forwarder.passing(d):
             self._passing.add(d)
             d.retry_at, d.delay = now, RETRY_MIN
             self._pump(d, now)
         else:
             forwarder.renew(d)
+
+    def _fault(self, tunnel: Tunnel) -> None:
+        """Tell the connection once that it must be reset (edge d)."""
+        if tunnel.faulted:
+            return
+        tunnel.faulted = True
+        self.faults += 1
+        if tunnel.on_fault is not None:
+            tunnel.on_fault()
 
     def _pump(self, d: Direction, now: float) -> None:
         done = self.forwarder.pump(d)
@@ -531,14 +638,14 @@ class KernelTunnels:
     def _scan(self, now: float) -> None:
         state = self.maps.state
         assert state is not None
-        for _, d in list(self._by_slot.values()):
-            if d in self._passing:
+        for tunnel, d in list(self._by_slot.values()):
+            if d in self._passing or not tunnel.joined:
                 continue
             slot = d.slot
             notify_at = state.get(slot, NOTIFY_AT)
             late = state.get(slot, REDIRECTED) >= notify_at != state.get(slot, NOTIFIED)
-            if late or self.forwarder.passing(d):
-                self._attend(d, now)
+            if late or self.forwarder.passing(d) or self.forwarder.faulted(d):
+                self._attend(tunnel, d, now)
 
     def close(self) -> None:
         """Leave every tunnel and free the kernel objects."""

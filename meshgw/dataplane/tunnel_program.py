@@ -11,16 +11,27 @@ Maps (one set per process, `capacity` tunnels, two slots each):
 The program, per skb received on the socket in slot S (peer P):
 1. empty (the buffer that carries a FIN): drop it. Redirected, it would make the peer's
    sender fail with EPIPE; the end of stream itself is already known to TCP and to epoll.
-2. if earlier bytes of S were passed to userspace and userspace has not forwarded them all yet
+2. resequence: cut off the bytes at the head of the skb that TCP had delivered before. TCP
+   queues a segment that overlaps what it already received (a retransmission that was cut
+   into segments differently, e.g. after reordering made the sender retransmit spuriously)
+   whole and leaves its reader to skip the old part (tcp_recvmsg does, by sequence number).
+   The kernel hands an sk_skb program whole skbs and skips nothing, so without this step
+   those bytes would reach P twice (and the socket's copied_seq would run ahead, stalling
+   the next bytes). The skb's TCP sequence number is in its control block (cb[0]); the
+   slot's `next_seq` is where the stream stands. A buffer that cannot be made exact (it
+   starts past `next_seq`, or trimming fails) faults the slot: it and every later one are
+   dropped and userspace resets the connection. Wrong bytes are never passed on.
+3. if earlier bytes of S were passed to userspace and userspace has not forwarded them all yet
    (passed > forwarded), pass this one too: order is kept by never overtaking them.
-3. if redirecting would go past the allowance userspace gave (the bound on bytes the kernel
+4. if redirecting would go past the allowance userspace gave (the bound on bytes the kernel
    holds for P that P's peer has not taken yet), pass instead: this is the backpressure.
-4. redirect to P's egress. If P's slot is empty (P not joined yet, or gone), pass instead.
-5. count what was redirected or passed; post S to `events` when the redirected count crosses
-   `notify_at` (userspace then renews the allowance) and when a pass starts an episode.
+5. redirect to P's egress. If P's slot is empty (P not joined yet, or gone), pass instead.
+6. count what was redirected or passed; post S to `events` when the redirected count crosses
+   `notify_at` (userspace then renews the allowance), when a pass starts an episode, and on
+   a fault.
 
 "Pass" (SK_PASS) puts the bytes on S's own queue for userspace to read, charged to S's
-receive buffer: when nobody reads, TCP's window closes and the sender waits. Steps 1-5 run
+receive buffer: when nobody reads, TCP's window closes and the sender waits. Steps 1-6 run
 under S's socket lock, one skb at a time, so the program's counters need no atomic operations.
 """
 
@@ -41,9 +52,19 @@ NOTIFY_AT = 24  # post an event when redirected reaches this            (userspa
 REDIRECTED = 32  # bytes redirected to the peer's egress                (program)
 PASSED = 40  # bytes passed to userspace                                (program)
 NOTIFIED = 48  # the notify_at value already posted                     (program)
-STATE_SIZE = 56
+NEXT_SEQ = 56  # u32 TCP sequence number of the next new byte (userspace before the
+#                socket is in the map, the program from then on)
+TRIMMED = 64  # bytes cut off skbs because TCP had delivered them before  (program)
+FAULTED = 72  # nonzero: an skb could not be made exact; drop everything (program)
+STATE_SIZE = 80
 USERSPACE_FIELDS = (PEER, ALLOWANCE, FORWARDED, NOTIFY_AT)
-PROGRAM_FIELDS = (REDIRECTED, PASSED, NOTIFIED)
+PROGRAM_FIELDS = (REDIRECTED, PASSED, NOTIFIED, TRIMMED, FAULTED)
+
+# bpf_skb_adjust_room removes at most 4095 bytes per call from an sk_skb; the program makes at
+# most TRIM_CALLS of them. A retransmission overlapping more than that faults the slot.
+TRIM_STEP = 0xFFF
+TRIM_CALLS = 64
+MAX_TRIM = TRIM_STEP * TRIM_CALLS
 
 EVENT_SIZE = 4  # a record is the u32 slot
 EVENT_STRIDE = 16  # header + payload, padded
@@ -53,7 +74,9 @@ def verdict_program(names: int, state: int, sockets: int, events: int) -> bytes:
     """Assemble the verdict program for these map descriptors (see the module docstring)."""
     asm = Asm()
     _find_slot(asm, names, state)
+    _resequence(asm)
     _redirect(asm, sockets, events)
+    _fault(asm, events)
     _pass(asm, events)
     return asm.assemble()
 
@@ -78,6 +101,44 @@ def _find_slot(asm: Asm, names: int, state: int) -> None:
     asm.call(bpf.FN_MAP_LOOKUP_ELEM)
     asm.jump_if(R0, "==", 0, "keep")
     asm.mov(R8, R0)
+    asm.load(R1, R8, FAULTED, 8)
+    asm.jump_if(R1, "!=", 0, "drop")  # faulted: nothing more goes anywhere
+
+
+def _resequence(asm: Asm) -> None:
+    """Step 2: trim the bytes TCP had delivered already; r7 becomes the new length."""
+    asm.load(R1, R6, bpf.SKB_CB, 4)  # the skb's first sequence number
+    asm.load(R9, R8, NEXT_SEQ, 8)
+    asm.sub32(R9, R1)  # r9 = bytes of this skb before next_seq (mod 2^32)
+    asm.jump_if(R9, "==", 0, "in_sequence")
+    asm.jump_if(R9, ">", 0x7FFFFFFF, "fault")  # starts past next_seq: a gap, never expected
+    asm.jump_if_reg(R9, "<", R7, "trim")
+    asm.jump("fault")  # no new byte in it: TCP never queues those
+    asm.label("trim")
+    asm.jump_if(R9, ">", MAX_TRIM, "fault")
+    asm.load(R1, R8, TRIMMED, 8)
+    asm.add(R1, R9)
+    asm.store(R8, TRIMMED, R1, 8)
+    for call in range(TRIM_CALLS):  # unrolled: no loop for the verifier to bound
+        asm.jump_if(R9, "==", 0, "trimmed")
+        asm.mov(R3, R9)
+        asm.jump_if(R3, "<", TRIM_STEP + 1, f"step{call}")
+        asm.mov_imm(R3, TRIM_STEP)
+        asm.label(f"step{call}")
+        asm.sub(R9, R3)
+        asm.mov_imm(R2, 0)
+        asm.sub(R2, R3)  # len_diff = -step: remove from the head
+        asm.mov(R1, R6)
+        asm.mov_imm(R3, 0)  # mode 0, flags 0: the only ones an sk_skb may use
+        asm.mov_imm(R4, 0)
+        asm.call(bpf.FN_SKB_ADJUST_ROOM)
+        asm.jump_if(R0, "!=", 0, "fault")
+    asm.label("trimmed")
+    asm.load(R7, R6, bpf.SKB_LEN, 4)
+    asm.label("in_sequence")
+    asm.load(R1, R8, NEXT_SEQ, 8)
+    asm.add32(R1, R7)
+    asm.store(R8, NEXT_SEQ, R1, 8)
 
 
 def _redirect(asm: Asm, sockets: int, events: int) -> None:
@@ -124,6 +185,14 @@ def _pass(asm: Asm, events: int) -> None:
     asm.label("drop")
     asm.mov_imm(R0, bpf.SK_DROP)
     asm.exit()
+
+
+def _fault(asm: Asm, events: int) -> None:
+    asm.label("fault")
+    asm.mov_imm(R1, 1)
+    asm.store(R8, FAULTED, R1, 8)
+    _post(asm, events)
+    asm.jump("drop")
 
 
 def _post(asm: Asm, events: int) -> None:
@@ -191,8 +260,9 @@ class TunnelMaps:
         fds.append(program)
         bpf.prog_attach(program, self.sockets, bpf.ATTACH_SK_SKB_STREAM_VERDICT)
 
-    def prepare(self, slot: int, peer: int, allowance: int, notify_at: int) -> None:
-        """Reset a slot's state before its socket is named (the program cannot run for it)."""
+    def prepare(self, slot: int, peer: int, allowance: int, notify_at: int, next_seq: int) -> None:
+        """Reset a slot's state before its socket is named (the program cannot run for it).
+        `next_seq`: the TCP sequence number of the first byte the program is to move."""
         state = self.state
         assert state is not None
         for field in PROGRAM_FIELDS:
@@ -201,6 +271,7 @@ class TunnelMaps:
         state.set(slot, PEER, peer)
         state.set(slot, ALLOWANCE, allowance)
         state.set(slot, NOTIFY_AT, notify_at)
+        state.set(slot, NEXT_SEQ, next_seq)
 
     def name(self, sock_cookie: int, slot: int) -> None:
         bpf.map_update(self.names, struct.pack("<Q", sock_cookie), struct.pack("<I", slot))
