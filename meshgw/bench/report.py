@@ -218,6 +218,14 @@ GOALS = (
         False,
         normalised="cpu_us_per_req",
     ),
+    Goal(
+        "rr c=64 machine CPU per request ≤ 0.8x the best peer's",
+        "rr-64",
+        "machine_cpu_us_per_req",
+        "best",
+        0.8,
+        True,
+    ),
     Goal("rr c=1 p99 ≤ the best peer's", "rr-1", "p99_us", "best", 1.0, True),
     Goal("≤ 2.5 KiB per idle connection", "idle", "kib_per_conn", None, 2.5, True),
 )
