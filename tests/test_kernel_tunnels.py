@@ -51,8 +51,8 @@ def quick_policies(monkeypatch):
         kernelplane,
         "POLICIES",
         {
-            "auto": Promotion(at_start=False, after=0.2, wakeups=16),
-            "sockmap": Promotion(at_start=True, after=0.2, wakeups=0),
+            "auto": Promotion(at_start=False, after=0.2, wakeups=16, bulk=False),
+            "sockmap": Promotion(at_start=True, after=0.2, wakeups=0, bulk=True),
         },
     )
 
@@ -134,6 +134,44 @@ def test_an_idle_connection_is_not_promoted(quick_policies, gateway_factory, bac
         eventually(lambda: gw.call(lambda: deadlines(gw)) > first, what="never considered")
         assert kernel_tunnels(gw) == []
         exchange(client, b"still userspace")
+    gw.wait_idle()
+    assert joins(gw, "promotion") == 0
+
+
+def test_auto_leaves_a_bulk_connection_to_splice(quick_policies, gateway_factory, backend_factory):
+    """A direction that moved bulk splices for good; a kernel tunnel would move it at more
+    cost. The round drops such a connection for good instead of promoting it."""
+    received: list[bytes] = []
+
+    def sink(conn: socket.socket) -> None:
+        digest = hashlib.sha256()
+        while data := conn.recv(1 << 20):
+            digest.update(data)
+        received.append(digest.digest())
+
+    server = backend_factory(sink)
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"], pump="auto")
+
+    def bulk_flags() -> list[bool]:
+        dp = gw.gateway.listener.dp
+        return [conn.bulk for conn in dp.connections if not isinstance(conn, KernelTunnel)]
+
+    sent = hashlib.sha256(HELLO)
+    with connect(gw.port) as client:
+        client.sendall(HELLO)
+        for block in stream(b"bulk", 8 * MiB, block=1 * MiB):
+            client.sendall(block)
+            sent.update(block)
+        eventually(lambda: gw.call(bulk_flags) == [True], what="never spliced")
+        # Of age and busy (8 MiB cost far more than 16 wake-ups), yet left waiting no more.
+        eventually(lambda: gw.call(lambda: deadlines(gw)) == [], what="never considered")
+        for block in stream(b"more", 4 * MiB, block=1 * MiB):
+            client.sendall(block)
+            sent.update(block)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    server.close()
+    assert received == [sent.digest()]
     gw.wait_idle()
     assert joins(gw, "promotion") == 0
 

@@ -57,10 +57,14 @@ class Promotion:
     at_start: bool  # join as soon as the hello is upstream
     after: float  # seconds in userspace before a tunnel is considered (and between retries)
     wakeups: int  # events the tunnel must have cost this process by then
+    # Promote a connection that moves bulk through splice too. Splice already moves bulk
+    # without copying it and 64 KiB per wake-up; a kernel tunnel forwards in userspace each
+    # time the reader falls behind, which for bulk is often (bench/README.md).
+    bulk: bool
 
 
-SOCKMAP = Promotion(at_start=True, after=1.0, wakeups=0)
-AUTO = Promotion(at_start=False, after=1.0, wakeups=32)
+SOCKMAP = Promotion(at_start=True, after=1.0, wakeups=0, bulk=True)
+AUTO = Promotion(at_start=False, after=1.0, wakeups=32, bulk=False)
 POLICIES = {"sockmap": SOCKMAP, "auto": AUTO}
 RETRY = frozenset({"held", "full", "busy"})  # promote() answers worth asking again
 
@@ -70,6 +74,11 @@ class Candidate(Protocol):
 
     closed: bool
     wakeups: int
+
+    @property
+    def bulk(self) -> bool:
+        """A direction moves bulk through splice, for good."""
+        ...
 
     def promote(self, trigger: str) -> str:
         """ "joined", "held" (a Flow holds bytes: not now), "closed", or a refusal reason."""
@@ -141,8 +150,8 @@ class KernelPlane:
         attempts = 0
         while due and attempts < MAX_JOINS_PER_ROUND:
             candidate = due.popleft()
-            if candidate.closed:
-                continue  # closed while it waited for a round with room
+            if candidate.closed or (candidate.bulk and not self.policy.bulk):
+                continue  # closed while it waited for a round with room, or splice keeps it
             if candidate.wakeups < self.policy.wakeups:
                 self.waiting.add(candidate, now)  # not busy (yet): look again later
                 continue

@@ -121,6 +121,11 @@ class Tunnel:
 
     # --- into the kernel ----------------------------------------------------------------------
 
+    @property
+    def bulk(self) -> bool:
+        up, down = self.up, self.down
+        return (up is not None and up.splice) or (down is not None and down.splice)
+
     def promote(self, trigger: str) -> str:
         """Hand both sockets to a kernel tunnel, if neither Flow holds a byte (the join's
         precondition). Returns "joined" (this Tunnel is done), "held" (not now), "closed", or
