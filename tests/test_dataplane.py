@@ -7,6 +7,7 @@ import contextlib
 import errno
 import gc
 import hashlib
+import logging
 import os
 import resource
 import signal
@@ -581,6 +582,65 @@ def test_connect_timeout_fails_over(gateway_factory, backend_factory, pump):
         for s in fillers:
             s.close()
         hole.close()
+
+
+def _sockets_short(monkeypatch, count: int | None) -> list[int]:
+    """The next `count` upstream sockets (every one if None) fail as at the open-file limit."""
+    from meshgw.dataplane.dialer import Dialer
+
+    real = Dialer._socket
+    refused = [0]
+
+    def short_then_real(dialer: Dialer, target):
+        if count is None or refused[0] < count:
+            refused[0] += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(dialer, target)
+
+    monkeypatch.setattr(Dialer, "_socket", short_then_real)
+    return refused
+
+
+def test_no_descriptor_for_the_upstream_waits_and_marks_nobody_down(
+    monkeypatch, gateway_factory, backend_factory
+):
+    """The process's shortage is not the endpoint's fault: the connection waits for a
+    descriptor and goes through; the endpoint is not marked down."""
+    refused = _sockets_short(monkeypatch, 3)
+    received: list[bytes] = []
+    server = backend_factory(recorder(received))
+    gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"])
+    hello = python_hello("n.server.dc1.consul")
+    with connect(gw.port) as client:
+        client.sendall(hello)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    server.close()
+    assert received == [hello] and refused == [3]
+    failures = metric(gw.admin_port, "meshgw_upstream_connect_failures_total",
+                      route_kind="local_server", datacenter="dc1", reason="emfile")  # fmt: skip
+    assert failures == 3
+    assert gw.call(lambda: gw.gateway.listener.dp.outliers.down_now()) == {}
+    assert metric(gw.admin_port, "meshgw_rejections_total", reason="no_upstream") == 0
+
+
+def test_no_descriptor_until_the_connect_timeout_closes_the_client(
+    monkeypatch, caplog, gateway_factory
+):
+    caplog.set_level(logging.INFO, logger="meshgw.access")
+    refused = _sockets_short(monkeypatch, None)
+    address = refused_address()
+    gw = gateway_factory(
+        expose_servers=True, server=[f"n={address}"], connect_timeout=0.3, access_log=True
+    )
+    with connect(gw.port) as client:
+        client.sendall(python_hello("n.server.dc1.consul"))
+        assert closed_by_peer(client)
+    assert refused[0] >= 2  # asked again, not given up at once
+    assert metric(gw.admin_port, "meshgw_rejections_total", reason="no_upstream") == 1
+    lines = [getattr(r, "fields", {}) for r in caplog.records if r.name == "meshgw.access"]
+    assert [line.get("tried") for line in lines] == [f"{address} no descriptor"]
+    assert gw.call(lambda: gw.gateway.listener.dp.outliers.down_now()) == {}
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ burst through userspace instead, so a short descriptor costs CPU, never a stalle
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ MIN_AUTO_CONNECTIONS = 64
 # Directions splicing at once per process; beyond it bursts go through userspace. Each pipe
 # moves about 10 Gbit/s, so this is no limit on throughput, only on descriptors.
 MAX_PIPES = 512
+# What a system call that needs a descriptor (or socket memory) fails with when this process or
+# the machine is short of them: the process's condition, never a peer's fault.
+RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def pipes_for(connections: int) -> int:

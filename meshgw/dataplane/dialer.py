@@ -6,21 +6,30 @@ Failover is safe until the first byte has gone upstream: a connect that is refus
 marking the failed one down for a while (health.py). Success is seen as the first send that
 works: a failed connect shows up as that send's error, so no getsockopt per connection. Every
 attempt and its error is kept for the access log.
+
+A socket that cannot be had (the process is out of descriptors) is no fault of the target: the
+same target is tried again after a growing pause, until the connect timeout, and nobody is
+marked down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
 import time
 from collections.abc import Callable
 
+from meshgw.dataplane.budget import RESOURCE_ERRORS
 from meshgw.dataplane.context import DataPlane
 from meshgw.dataplane.poller import Handler
 from meshgw.routing import Route, Target
 
 log = logging.getLogger("meshgw.dataplane")
+
+# Pauses before asking again for a socket the process had no descriptor for.
+SHORT_RETRY_MIN, SHORT_RETRY_MAX = 0.01, 0.2
 
 
 def tune(sock: socket.socket) -> None:
@@ -48,7 +57,10 @@ class Dialer:
         "deadlines",
         "dp",
         "on_event",
+        "retry",
+        "retry_delay",
         "route",
+        "short",
         "sni",
         "started",
         "target",
@@ -72,6 +84,9 @@ class Dialer:
         self.upstream_fd = -1
         self.attempts: list[str] = []  # "address error" of every failed target, in order
         self.closed = False
+        self.short: Target | None = None  # waiting for a descriptor to connect to it
+        self.retry: asyncio.TimerHandle | None = None
+        self.retry_delay = 0.0
 
     def connect_next(self, waiter: object, exhausted: Callable[[], None]) -> None:
         """Connect to the next target; `exhausted` when none is left. `waiter` is what the
@@ -83,10 +98,16 @@ class Dialer:
                 return
             try:
                 sock = self._socket(target)
-                code = sock.connect_ex(target.sockaddr)
             except OSError as error:
+                if error.errno in RESOURCE_ERRORS:
+                    self._wait_for_descriptor(target, error, waiter, exhausted)
+                    return
                 self.failed(target, error)
                 continue
+            try:
+                code = sock.connect_ex(target.sockaddr)
+            except OSError as error:
+                code = error.errno or errno.EINVAL
             if code not in (0, errno.EINPROGRESS):
                 sock.close()
                 self.failed(target, OSError(code, errno.errorcode.get(code, str(code))))
@@ -97,6 +118,25 @@ class Dialer:
             self.dp.poller.register(self.upstream_fd, self.on_event)
             return
         exhausted()
+
+    def _wait_for_descriptor(
+        self, target: Target, error: OSError, waiter: object, exhausted: Callable[[], None]
+    ) -> None:
+        """Counted, but the target is not marked down: ask again for the same target after a
+        growing pause. The connect timeout, armed at the first shortage, bounds the wait."""
+        route = self.route
+        self.dp.stats.upstream_failures[route.kind.value, route.datacenter, _reason(error)] += 1
+        if self.retry_delay == 0.0:  # the first shortage of this wait
+            self.deadlines.add(waiter, time.monotonic())
+        self.short = target
+        self.retry_delay = min(max(self.retry_delay * 2, SHORT_RETRY_MIN), SHORT_RETRY_MAX)
+        self.retry = self.dp.loop.call_later(self.retry_delay, self._retry_short, waiter, exhausted)
+
+    def _retry_short(self, waiter: object, exhausted: Callable[[], None]) -> None:
+        target, self.short, self.retry = self.short, None, None
+        assert target is not None
+        self.targets.insert(0, target)
+        self.connect_next(waiter, exhausted)
 
     def _socket(self, target: Target) -> socket.socket:
         sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -141,6 +181,8 @@ class Dialer:
         self.deadlines.discard(waiter)
         if self.target is not None:
             self.failed(self.target, error)
+        elif self.short is not None:  # the connect timeout passed while no descriptor came
+            self.attempts.append(f"{self.short.address} no descriptor")
         self.release()
 
     def connected(self, waiter: object) -> None:
@@ -157,7 +199,12 @@ class Dialer:
         self.release()
 
     def release(self) -> None:
-        """Close the current upstream socket, if any (the tunnel did not take it)."""
+        """Close the current upstream socket, if any (the tunnel did not take it), or stop
+        waiting for a descriptor."""
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        self.short, self.retry_delay = None, 0.0
         if self.upstream is not None:
             self.dp.poller.forget(self.upstream_fd)
             self.upstream.close()

@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from meshgw.dataplane.budget import RESOURCE_ERRORS
 from meshgw.dataplane.context import DataPlane, DataPlaneConfig
 from meshgw.dataplane.dialer import tune
 from meshgw.dataplane.kerneltunnel import KernelTunnel
@@ -30,7 +31,6 @@ from meshgw.routing import RouteTable
 log = logging.getLogger("meshgw.dataplane")
 
 ACCEPT_BATCH = 64  # connections accepted per wake-up at most, so one busy listener cannot starve
-RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Listener:
