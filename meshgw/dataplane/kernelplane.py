@@ -59,7 +59,7 @@ class Promotion:
     wakeups: int  # events the tunnel must have cost this process by then
     # Promote a connection that moves bulk through splice too. Splice already moves bulk
     # without copying it and 64 KiB per wake-up; a kernel tunnel forwards in userspace each
-    # time the reader falls behind, which for bulk is often (bench/README.md).
+    # time the reader falls behind, which for bulk is often (docs/operations.md).
     bulk: bool
 
 
