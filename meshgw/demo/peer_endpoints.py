@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import socket
 import ssl
 from collections import Counter
@@ -24,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshgw.demo.servers import failure_reason
+from meshgw.demo.servers import failure_reason, serve_tls
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HTTP2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame, stream 0
 ALPN_H2 = "h2"
-HANDSHAKE_TIMEOUT = 10.0
 READ_TIMEOUT = 10.0
 
 # What a client says once connected; it returns who answered.
@@ -59,22 +57,8 @@ class TlsEndpoint:
         return f"{self.host}:{self.port}"
 
     async def start(self, preferred_port: int | None) -> None:
-        for port in ([preferred_port] if preferred_port else []) + [0]:
-            try:
-                self._server = await asyncio.start_server(
-                    self._accept,
-                    self.host,
-                    port,
-                    ssl=self._context,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-                    reuse_address=True,
-                )
-            except OSError as error:
-                if error.errno == errno.EADDRINUSE and port:
-                    continue
-                raise
-            self.port = int(self._server.sockets[0].getsockname()[1])
-            return
+        self._server = await serve_tls(self._accept, self.host, preferred_port, self._context)
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -22,7 +22,7 @@ import ssl
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +87,35 @@ def client_context(spec: ServerSpec, ca: Path, alpn: str) -> ssl.SSLContext:
     context.load_cert_chain(spec.cert, spec.key)
     context.set_alpn_protocols([alpn])  # exactly one protocol, as Consul offers
     return context
+
+
+async def serve_tls(
+    accept: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    preferred_port: int | None,
+    context: ssl.SSLContext,
+    backlog: int = 100,
+) -> asyncio.Server:
+    """A TLS server on `preferred_port`, or on any free port if that one is taken."""
+
+    async def on(port: int) -> asyncio.Server:
+        return await asyncio.start_server(
+            accept,
+            host,
+            port,
+            ssl=context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            backlog=backlog,
+            reuse_address=True,
+        )
+
+    if preferred_port:
+        try:
+            return await on(preferred_port)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+    return await on(0)
 
 
 def failure_reason(error: BaseException) -> str:
@@ -179,23 +208,10 @@ class SimServer:
     # --- accepting --------------------------------------------------------------------------
 
     async def start(self, preferred_port: int | None) -> None:
-        for port in ([preferred_port] if preferred_port else []) + [0]:
-            try:
-                self._server = await asyncio.start_server(
-                    self._accept,
-                    self.spec.host,
-                    port,
-                    ssl=self._context,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-                    backlog=1024,
-                    reuse_address=True,
-                )
-            except OSError as error:
-                if error.errno == errno.EADDRINUSE and port:
-                    continue
-                raise
-            self.port = int(self._server.sockets[0].getsockname()[1])
-            return
+        self._server = await serve_tls(
+            self._accept, self.spec.host, preferred_port, self._context, backlog=1024
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
         if self._server is not None:
