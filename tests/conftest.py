@@ -436,6 +436,20 @@ def open_fds(pid: int | None = None) -> int:
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Stop a child meshgw as its service manager would: SIGTERM, then SIGKILL if it has not
+    exited within `timeout`; close the stderr pipe it was read through."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def lines_until(stream: IO[Any], done: Callable[[str], bool], timeout: float) -> list[str]:
     """Lines of `stream` up to the first that is `done`, or up to EOF or the deadline.
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from meshgw.addresses import Address
 from meshgw.cli import main
 from meshgw.healthcheck import HealthError, admin_url, run_arguments
-from tests.conftest import lines_until
+from tests.conftest import lines_until, terminate
 
 WAIT = 20.0
 
@@ -86,15 +86,7 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(WAIT)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        terminate(proc, WAIT)
 
 
 def health(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -34,7 +34,7 @@ from meshgw.app.controlplane import agent_connections
 from meshgw.buildinfo import COMPILED, PURE
 from meshgw.dataplane.budget import descriptors_for
 from meshgw.settings import Settings
-from tests.conftest import REPO, lines_until
+from tests.conftest import REPO, lines_until, terminate
 from tests.k8s import POD_IP, container_settings
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -272,15 +272,7 @@ def entrypoint(installed: Installed, dockerfile: str, tmp_path: Path) -> Iterato
         assert record["msg"] == "meshgw listening"
         yield Started(proc, record["admin"])
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(WAIT)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        terminate(proc, WAIT)
 
 
 def free_port() -> int:
