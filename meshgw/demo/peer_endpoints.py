@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshgw.demo.servers import failure_reason, serve_tls
+from meshgw.demo.servers import TlsListener, failure_reason
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HTTP2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame, stream 0
@@ -34,47 +34,27 @@ READ_TIMEOUT = 10.0
 Talk = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[str]]
 
 
-class TlsEndpoint:
-    """A TLS listener on host (a preferred port when free) that counts what it accepted."""
+class TlsEndpoint(TlsListener):
+    """A TLS listener that counts what it accepted and why connections failed."""
 
     def __init__(self, name: str, host: str, cert: Path, key: Path, alpn: list[str]) -> None:
-        self.name = name
-        self.host = host
-        self.port = 0
-        self.accepted = 0
-        self.refused: Counter[str] = Counter()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert, key)
         if alpn:
             context.set_alpn_protocols(alpn)
-        self._context = context
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        super().__init__(host, context)
+        self.name = name
+        self.accepted = 0
+        self.refused: Counter[str] = Counter()
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def start(self, preferred_port: int | None) -> None:
-        self._server = await serve_tls(self._accept, self.host, preferred_port, self._context)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         try:
-            self.accepted += 1
             async with asyncio.timeout(READ_TIMEOUT):
                 await self.serve(reader, writer)
         except (OSError, EOFError, TimeoutError, ValueError) as error:
             self.refused[type(error).__name__] += 1
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError, asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError

@@ -22,7 +22,7 @@ import ssl
 import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,33 +89,69 @@ def client_context(spec: ServerSpec, ca: Path, alpn: str) -> ssl.SSLContext:
     return context
 
 
-async def serve_tls(
-    accept: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    host: str,
-    preferred_port: int | None,
-    context: ssl.SSLContext,
-    backlog: int = 100,
-) -> asyncio.Server:
-    """A TLS server on `preferred_port`, or on any free port if that one is taken."""
+class TlsListener:
+    """A TLS listener on a preferred port when it is free, else on any; the connections it is
+    serving end when it closes. Subclasses say what a connection gets (`handle`)."""
 
-    async def on(port: int) -> asyncio.Server:
+    def __init__(self, host: str, context: ssl.SSLContext, backlog: int = 100) -> None:
+        self.host = host
+        self.port = 0
+        self._context = context
+        self._backlog = backlog
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self, preferred_port: int | None) -> None:
+        if preferred_port:
+            try:
+                self._server = await self._listen(preferred_port)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+        if self._server is None:
+            self._server = await self._listen(0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _listen(self, port: int) -> asyncio.Server:
         return await asyncio.start_server(
-            accept,
-            host,
+            self._accept,
+            self.host,
             port,
-            ssl=context,
+            ssl=self._context,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            backlog=backlog,
+            backlog=self._backlog,
             reuse_address=True,
         )
 
-    if preferred_port:
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
-            return await on(preferred_port)
-        except OSError as error:
-            if error.errno != errno.EADDRINUSE:
-                raise
-    return await on(0)
+            await self.handle(reader, writer)
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError, asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection that completed its handshake; its errors are for the
+        subclass to count."""
+        raise NotImplementedError
 
 
 def failure_reason(error: BaseException) -> str:
@@ -179,64 +215,34 @@ class PathResult:
         return [f"{e.protocol}: {e.error}" for e in self.exchanges if e.error]
 
 
-class SimServer:
+class SimServer(TlsListener):
     """One simulated Consul server: accepts like one and dials like one."""
 
     def __init__(self, spec: ServerSpec, ca: Path, datacenters: tuple[str, ...]) -> None:
+        super().__init__(spec.host, server_context(spec, ca, self._refuse), backlog=1024)
         self.spec = spec
         self.datacenters = datacenters
         self.peers: list[SimServer] = [self]  # its datacenter's servers, itself included
         self.accepted: Counter[str] = Counter()  # by ALPN protocol
         self.refused: Counter[str] = Counter()  # by reason
-        self._context = server_context(spec, ca, self._refuse)
         self._clients = {alpn: client_context(spec, ca, alpn) for alpn in ALPN_PROTOCOLS}
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
-        self.port = 0
 
     @property
     def member(self) -> str:
         return self.spec.member
-
-    @property
-    def address(self) -> str:
-        return f"{self.spec.host}:{self.port}"
 
     def _refuse(self, reason: str) -> None:
         self.refused[reason] += 1
 
     # --- accepting --------------------------------------------------------------------------
 
-    async def start(self, preferred_port: int | None) -> None:
-        self._server = await serve_tls(
-            self._accept, self.spec.host, preferred_port, self._context, backlog=1024
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve(reader, writer)
         except (OSError, EOFError, TimeoutError, PacketTooLarge, ValueError) as error:
             self._refuse(
                 failure_reason(error) if not isinstance(error, ValueError) else "bad_message"
             )
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError, asyncio.CancelledError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A client refused during the handshake (no or foreign certificate, another server's
