@@ -376,6 +376,12 @@ def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
+def echo(conn: socket.socket) -> None:
+    """A backend handler that sends back everything it receives, until EOF."""
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
 def marker(backend_factory: Callable[..., Backend], name: bytes) -> Backend:
     """A backend that answers every connection with its name: which endpoint a route chose."""
 

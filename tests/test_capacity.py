@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -12,7 +11,7 @@ import pytest
 
 from meshgw.bench.hellos import python_hello
 from meshgw.dataplane import capacity
-from tests.conftest import REPO, connect, eventually, recv_exactly
+from tests.conftest import REPO, connect, echo, eventually, recv_exactly
 
 
 class Key:
@@ -67,10 +66,6 @@ def test_the_gateway_gives_back_its_tables_after_a_drop(
     what is left, and the connections left still carry bytes both ways."""
     # A few hundred connections stand in for the thousands that make real tables worth it.
     monkeypatch.setattr(capacity, "COMPACT_FROM_BYTES", 2048)
-
-    def echo(conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            conn.sendall(data)
 
     server = backend_factory(echo)
     gw = gateway_factory(expose_servers=True, server=[f"n={server.address}"])

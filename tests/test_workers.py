@@ -14,7 +14,7 @@ import pytest
 
 from meshgw.bench.hellos import python_hello
 from meshgw.metrics import merge_metrics
-from tests.conftest import WAIT, connect, eventually, pump_param, recv_all, recv_exactly
+from tests.conftest import WAIT, connect, echo, eventually, pump_param, recv_all, recv_exactly
 
 
 def test_merge_metrics_sums_samples_and_labels_process_families() -> None:
@@ -160,10 +160,6 @@ def test_a_worker_that_dies_is_replaced(two_workers) -> None:
 def test_each_worker_joins_its_connections_to_its_own_kernel_tunnels(
     gateway_process, backend_factory, pump
 ) -> None:
-    def echo(conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
     server = backend_factory(echo)
     gw = gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
@@ -205,10 +201,6 @@ DROP_CAPABILITIES = (
 def test_sockmap_without_capabilities_says_why_once_and_moves_bytes_all_the_same(
     gateway_process, backend_factory
 ) -> None:
-    def echo(conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
     server = backend_factory(echo)
     gw = gateway_process(
         "--dc", "dc1", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", "2",
