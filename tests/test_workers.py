@@ -14,7 +14,16 @@ import pytest
 
 from meshgw.bench.hellos import python_hello
 from meshgw.metrics import merge_metrics
-from tests.conftest import WAIT, connect, echo, eventually, pump_param, recv_all, recv_exactly
+from tests.conftest import (
+    WAIT,
+    GatewayProcess,
+    connect,
+    echo,
+    eventually,
+    pump_param,
+    recv_all,
+    recv_exactly,
+)
 
 
 def test_merge_metrics_sums_samples_and_labels_process_families() -> None:
@@ -99,16 +108,21 @@ def still_running_workers(pids: set[int]) -> set[int]:
     return alive
 
 
+def workers_that_served(gw: GatewayProcess, connections: int) -> set[str]:
+    """Which workers wrote the access-log lines of the last `connections` connections."""
+    served = set()
+    for _ in range(connections):
+        line = gw.wait_for(r"meshgw.access connection .*worker=(\d)")
+        served.add(line.group(1))
+        gw.lines.remove(line.string)
+    return served
+
+
 def test_two_workers_share_the_port_and_the_routes(two_workers) -> None:
     gw = two_workers
     route_some(gw.port)
     # Both workers took connections: the kernel spreads them over the port's sockets.
-    served = set()
-    for _ in range(40):
-        line = gw.wait_for(r"meshgw.access connection .*worker=(\d)")
-        served.add(line.group(1))
-        gw.lines.remove(line.string)
-    assert served == {"1", "2"}
+    assert workers_that_served(gw, 40) == {"1", "2"}
     text = metrics_text(gw.admin_port)
     assert (
         'meshgw_connections_total{datacenter="dc1",outcome="closed",route_kind="local_server"} 40.0'
@@ -175,12 +189,7 @@ def test_each_worker_joins_its_connections_to_its_own_kernel_tunnels(
             eventually(partial(has_joined, gw.admin_port, index + 1), what="not joined")
             client.shutdown(socket.SHUT_WR)
             assert recv_all(client) == b""
-    served = set()
-    for _ in range(40):
-        line = gw.wait_for(r"meshgw.access connection .*worker=(\d)")
-        served.add(line.group(1))
-        gw.lines.remove(line.string)
-    assert served == {"1", "2"}
+    assert workers_that_served(gw, 40) == {"1", "2"}
     text = metrics_text(gw.admin_port)
     # Merged over both workers: each joined what it accepted, in maps of its own.
     assert 'meshgw_kernel_tunnel_joins_total{trigger="start"} 40.0' in text

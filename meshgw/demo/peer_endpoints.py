@@ -59,15 +59,6 @@ class TlsEndpoint(TlsListener):
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
 
 class PeeringServer(TlsEndpoint):
     """A Consul server's gRPC TLS port, where peers (through the gateways) open their stream."""
